@@ -1,0 +1,14 @@
+"""cmn: Cross-modal Memory Networks for radiology report generation."""
+from cmn.errors import CheckpointError, CMNError, ConfigError, DataError
+
+__version__ = "0.1.0"
+
+
+def load_checkpoint(path, device=None):
+    """Load a checkpoint bundle written by ``cmn-train``; see :func:`cmn.checkpoint.load_checkpoint`."""
+    from cmn.checkpoint import load_checkpoint as _load
+
+    return _load(path, device=device)
+
+
+__all__ = ["CMNError", "CheckpointError", "ConfigError", "DataError", "load_checkpoint", "__version__"]
