@@ -1,5 +1,326 @@
-//! Python bindings of the cmn text core (module `cmn._native`).
+//! Native text core of cmn: report cleaning ([`clean`]), vocabulary and
+//! tokenization ([`vocab`]) and beam-search bookkeeping ([`beam`]) are pure Rust;
+//! this file only converts types for Python (module `cmn._native`), releases the
+//! GIL around batch work and maps errors to exceptions.
+pub mod beam;
+pub mod clean;
+pub mod error;
+pub mod vocab;
+
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray2};
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use rayon::prelude::*;
+
+use crate::beam::{BeamConfig, BeamSearch as CoreBeamSearch};
+use crate::clean::Dataset;
+use crate::vocab::Vocab;
+
+create_exception!(
+    _native,
+    TextInputError,
+    PyValueError,
+    "Input the text core cannot use (bad argument, undecodable report, malformed tokenizer.json)."
+);
+
+fn to_py(err: error::Error) -> PyErr {
+    TextInputError::new_err(err.to_string())
+}
+
+fn dataset(name: &str) -> PyResult<Dataset> {
+    Dataset::parse(name).map_err(to_py)
+}
+
+/// A report as Rust text: `str` (no lone surrogates) or UTF-8 `bytes`.
+fn report_text(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        return match s.extract::<String>() {
+            Ok(text) => Ok(text),
+            Err(_) => {
+                let bad = s
+                    .to_string_lossy()
+                    .chars()
+                    .position(|c| c == char::REPLACEMENT_CHARACTER)
+                    .unwrap_or(0);
+                Err(TextInputError::new_err(format!(
+                    "{what} is not valid Unicode: it contains a lone surrogate (near character {bad}); \
+                     decode the source with errors=\"replace\" or fix the file"
+                )))
+            }
+        };
+    }
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return String::from_utf8(b.as_bytes().to_vec()).map_err(|e| {
+            TextInputError::new_err(format!(
+                "{what} is not valid UTF-8: invalid byte at offset {}",
+                e.utf8_error().valid_up_to()
+            ))
+        });
+    }
+    Err(TextInputError::new_err(format!(
+        "{what} must be str or bytes, not {}",
+        obj.get_type().name()?
+    )))
+}
+
+fn report_texts(objs: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, item) in objs.try_iter()?.enumerate() {
+        out.push(report_text(&item?, &format!("report {i}"))?);
+    }
+    Ok(out)
+}
+
+/// Cleans one report (`str`, or UTF-8 `bytes`) with the rules of `dataset`.
+#[pyfunction]
+fn clean_report(text: &Bound<'_, PyAny>, dataset: &str) -> PyResult<String> {
+    let ds = self::dataset(dataset)?;
+    Ok(clean::clean_report(&report_text(text, "report")?, ds))
+}
+
+/// Cleans many reports in parallel, without the GIL.
+#[pyfunction]
+fn clean_reports(py: Python<'_>, texts: &Bound<'_, PyAny>, dataset: &str) -> PyResult<Vec<String>> {
+    let ds = self::dataset(dataset)?;
+    let texts = report_texts(texts)?;
+    Ok(py.detach(|| {
+        texts
+            .par_iter()
+            .map(|t| clean::clean_report(t, ds))
+            .collect()
+    }))
+}
+
+/// Python's `str.lower()` as the cleaner applies it (exposed for tests).
+#[pyfunction]
+fn _py_lower(text: &str) -> String {
+    clean::py_lower(text)
+}
+
+/// Word-level tokenizer with the reference's ids; id 0 is BOS, EOS and padding.
+#[pyclass(frozen, module = "cmn._native")]
+struct Tokenizer {
+    vocab: Vocab,
+}
+
+#[pymethods]
+impl Tokenizer {
+    /// Builds the vocabulary from raw training reports (cleaned here).
+    #[staticmethod]
+    fn build(
+        py: Python<'_>,
+        reports: &Bound<'_, PyAny>,
+        threshold: i64,
+        dataset: &str,
+    ) -> PyResult<Self> {
+        let ds = self::dataset(dataset)?;
+        let texts = report_texts(reports)?;
+        let vocab = py.detach(|| {
+            let cleaned: Vec<String> = texts
+                .par_iter()
+                .map(|t| clean::clean_report(t, ds))
+                .collect();
+            Vocab::build(&cleaned, threshold, ds)
+        });
+        Ok(Tokenizer { vocab })
+    }
+
+    /// Reads a `tokenizer.json` string; `dataset` supplies or overrides the cleaning rule.
+    #[staticmethod]
+    #[pyo3(signature = (text, dataset=None))]
+    fn from_str(text: &str, dataset: Option<&str>) -> PyResult<Self> {
+        let ds = dataset.map(self::dataset).transpose()?;
+        Ok(Tokenizer {
+            vocab: Vocab::from_json(text, ds).map_err(to_py)?,
+        })
+    }
+
+    /// The `tokenizer.json` document.
+    fn to_str(&self) -> String {
+        self.vocab.to_json()
+    }
+
+    #[getter]
+    fn dataset(&self) -> &'static str {
+        self.vocab.dataset().name()
+    }
+
+    #[getter]
+    fn unk_id(&self) -> i64 {
+        self.vocab.unk_id()
+    }
+
+    fn __len__(&self) -> usize {
+        self.vocab.len()
+    }
+
+    fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.vocab.token_to_id(token)
+    }
+
+    fn id_to_token(&self, id: i64) -> Option<&str> {
+        self.vocab.id_to_token(id)
+    }
+
+    /// Cleans and encodes one report: `[0] + ids + [0]`, not truncated.
+    fn encode(&self, report: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
+        let text = report_text(report, "report")?;
+        Ok(self
+            .vocab
+            .encode_cleaned(&clean::clean_report(&text, self.vocab.dataset())))
+    }
+
+    /// Cleans and encodes reports into an int64 array `(n, max_len)`: each sequence
+    /// cut to `max_len`, then padded with 0.
+    fn encode_batch<'py>(
+        &self,
+        py: Python<'py>,
+        reports: &Bound<'py, PyAny>,
+        max_len: usize,
+    ) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        let texts = report_texts(reports)?;
+        let ds = self.vocab.dataset();
+        let vocab = &self.vocab;
+        let flat = py.detach(|| {
+            let mut flat = vec![0i64; texts.len() * max_len];
+            if max_len > 0 {
+                flat.par_chunks_mut(max_len)
+                    .zip(texts.par_iter())
+                    .for_each(|(row, text)| {
+                        vocab.encode_cleaned_into(&clean::clean_report(text, ds), row)
+                    });
+            }
+            flat
+        });
+        let array = Array2::from_shape_vec((texts.len(), max_len), flat)
+            .expect("buffer has n * max_len elements");
+        Ok(array.into_pyarray(py))
+    }
+
+    /// Tokens joined by spaces; a leading 0 (BOS) is skipped and the next 0 ends the text.
+    fn decode(&self, ids: Vec<i64>) -> PyResult<String> {
+        self.vocab.decode(&ids).map_err(to_py)
+    }
+
+    /// [`Tokenizer::decode`] for each row of an int64 array `(n, L)`.
+    fn decode_batch(&self, ids: PyReadonlyArray2<'_, i64>) -> PyResult<Vec<String>> {
+        let ids = ids.as_array();
+        ids.rows()
+            .into_iter()
+            .map(|row| match row.as_slice() {
+                Some(slice) => self.vocab.decode(slice),
+                None => self.vocab.decode(&row.to_vec()),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_py)
+    }
+}
+
+/// Beam-search bookkeeping driven once per step by `cmn.decode.beam_search`
+/// (see the protocol in `cmn.text.BeamSearch`).
+#[pyclass(module = "cmn._native")]
+struct BeamSearch {
+    core: CoreBeamSearch,
+}
+
+/// Per item, `(tokens, score)` of the best ended hypotheses.
+type NBest = Vec<Vec<(Vec<i64>, f64)>>;
+
+type StepArrays<'py> = (
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<f32>>,
+);
+
+#[pymethods]
+impl BeamSearch {
+    #[new]
+    #[pyo3(signature = (batch_size, beam_size, max_len, *, eos_id=0, length_penalty=0.0, no_repeat_ngram_size=0, n_best=1))]
+    fn new(
+        batch_size: usize,
+        beam_size: usize,
+        max_len: usize,
+        eos_id: i64,
+        length_penalty: f64,
+        no_repeat_ngram_size: usize,
+        n_best: usize,
+    ) -> PyResult<Self> {
+        let cfg = BeamConfig {
+            batch_size,
+            beam_size,
+            max_len,
+            eos_id,
+            length_penalty,
+            no_repeat_ngram_size,
+            n_best,
+        };
+        Ok(BeamSearch {
+            core: CoreBeamSearch::new(cfg).map_err(to_py)?,
+        })
+    }
+
+    #[getter]
+    fn done(&self) -> bool {
+        self.core.is_done()
+    }
+
+    #[getter]
+    fn num_rows(&self) -> usize {
+        self.core.num_rows()
+    }
+
+    fn cum_scores<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        self.core.cum_scores().into_pyarray(py)
+    }
+
+    fn banned<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>) {
+        let (rows, tokens) = self.core.banned();
+        (rows.into_pyarray(py), tokens.into_pyarray(py))
+    }
+
+    fn step<'py>(
+        &mut self,
+        py: Python<'py>,
+        scores: PyReadonlyArray2<'py, f32>,
+        indices: PyReadonlyArray2<'py, i64>,
+        vocab_size: usize,
+    ) -> PyResult<StepArrays<'py>> {
+        let (scores, indices) = (scores.as_array(), indices.as_array());
+        if indices.dim() != scores.dim() {
+            return Err(TextInputError::new_err(format!(
+                "scores {:?} and indices {:?} must have the same shape",
+                scores.dim(),
+                indices.dim()
+            )));
+        }
+        let k = scores.dim().1;
+        let scores = scores.iter().copied().collect::<Vec<f32>>();
+        let indices = indices.iter().copied().collect::<Vec<i64>>();
+        let out = self
+            .core
+            .step(&scores, &indices, k, vocab_size)
+            .map_err(to_py)?;
+        Ok((
+            out.tokens.into_pyarray(py),
+            out.reorder.into_pyarray(py),
+            out.cum_scores.into_pyarray(py),
+        ))
+    }
+
+    fn finalize(&self) -> PyResult<NBest> {
+        let result = self.core.finalize().map_err(to_py)?;
+        Ok(result
+            .into_iter()
+            .map(|item| item.into_iter().map(|h| (h.tokens, h.score)).collect())
+            .collect())
+    }
+}
 
 #[pyfunction]
 fn version() -> &'static str {
@@ -9,5 +330,11 @@ fn version() -> &'static str {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(clean_report, m)?)?;
+    m.add_function(wrap_pyfunction!(clean_reports, m)?)?;
+    m.add_function(wrap_pyfunction!(_py_lower, m)?)?;
+    m.add_class::<Tokenizer>()?;
+    m.add_class::<BeamSearch>()?;
+    m.add("TextInputError", m.py().get_type::<TextInputError>())?;
     Ok(())
 }

@@ -1,0 +1,420 @@
+//! Per-step bookkeeping of beam search; the model and the top-k run elsewhere.
+//!
+//! Protocol, per decoding step (rows are the live hypotheses, `beam_size` per
+//! unfinished batch item, item-major):
+//! 1. the caller masks [`BeamSearch::banned`] pairs in its log-probabilities,
+//! 2. adds [`BeamSearch::cum_scores`] row-wise, views the result as
+//!    `(items, beam_size * vocab)` and takes the top `k >= 2 * beam_size` per item,
+//! 3. passes those scores and flat indices to [`BeamSearch::step`], which returns
+//!    the tokens to feed next, the rows of the old cache to keep (finished items
+//!    are dropped) and the new cumulative scores.
+//!
+//! Selection per item: candidates in order of score (ties: lower flat index first);
+//! an EOS candidate ranked below `beam_size` ends that hypothesis, other EOS
+//! candidates are ignored; the first `beam_size` non-EOS candidates are the new
+//! beams. At `max_len` generated tokens the beams end as they are. An item is done
+//! when it holds `beam_size` ended hypotheses, or (no length penalty) when its
+//! `n_best`-th best ended score is at least every live score: log-probabilities are
+//! at most 0, so no live beam can overtake it. Scores of ended hypotheses are
+//! `sum_logprob / length^length_penalty`, length counting the EOS.
+use crate::error::Result;
+use crate::invalid;
+
+/// Settings of one search.
+#[derive(Clone, Debug)]
+pub struct BeamConfig {
+    pub batch_size: usize,
+    pub beam_size: usize,
+    pub max_len: usize,
+    pub eos_id: i64,
+    pub length_penalty: f64,
+    pub no_repeat_ngram_size: usize,
+    pub n_best: usize,
+}
+
+/// An ended hypothesis: generated tokens without BOS/EOS and its final score.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hypothesis {
+    pub tokens: Vec<i64>,
+    pub score: f64,
+}
+
+#[derive(Clone, Debug)]
+struct Beam {
+    tokens: Vec<i64>,
+    score: f32,
+}
+
+#[derive(Clone, Debug)]
+struct Item {
+    beams: Vec<Beam>,
+    ended: Vec<Hypothesis>,
+}
+
+/// What the caller feeds the model next.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    /// Next input token per new row.
+    pub tokens: Vec<i64>,
+    /// For each new row, the old row whose cache it continues.
+    pub reorder: Vec<i64>,
+    /// Cumulative log-probability per new row.
+    pub cum_scores: Vec<f32>,
+}
+
+pub struct BeamSearch {
+    cfg: BeamConfig,
+    items: Vec<Item>,
+    /// Items still searching, in row order.
+    live: Vec<usize>,
+    steps: usize,
+}
+
+impl BeamSearch {
+    pub fn new(cfg: BeamConfig) -> Result<BeamSearch> {
+        if cfg.batch_size == 0 || cfg.beam_size == 0 || cfg.max_len == 0 || cfg.n_best == 0 {
+            return Err(invalid!(
+                "batch_size, beam_size, max_len and n_best must be positive (got {}, {}, {}, {})",
+                cfg.batch_size,
+                cfg.beam_size,
+                cfg.max_len,
+                cfg.n_best
+            ));
+        }
+        if cfg.n_best > cfg.beam_size {
+            return Err(invalid!(
+                "n_best ({}) cannot exceed beam_size ({})",
+                cfg.n_best,
+                cfg.beam_size
+            ));
+        }
+        if !cfg.length_penalty.is_finite() {
+            return Err(invalid!("length_penalty must be finite"));
+        }
+        // All beams start from BOS; only the first may expand at step 0.
+        let start: Vec<Beam> = (0..cfg.beam_size)
+            .map(|j| Beam {
+                tokens: Vec::new(),
+                score: if j == 0 { 0.0 } else { f32::NEG_INFINITY },
+            })
+            .collect();
+        let items = (0..cfg.batch_size)
+            .map(|_| Item {
+                beams: start.clone(),
+                ended: Vec::new(),
+            })
+            .collect();
+        Ok(BeamSearch {
+            live: (0..cfg.batch_size).collect(),
+            items,
+            cfg,
+            steps: 0,
+        })
+    }
+
+    pub fn config(&self) -> &BeamConfig {
+        &self.cfg
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Rows the caller's decoder holds now.
+    pub fn num_rows(&self) -> usize {
+        self.live.len() * self.cfg.beam_size
+    }
+
+    /// Cumulative score per live row.
+    pub fn cum_scores(&self) -> Vec<f32> {
+        self.live
+            .iter()
+            .flat_map(|&b| self.items[b].beams.iter().map(|beam| beam.score))
+            .collect()
+    }
+
+    /// `(row, token)` pairs whose choice would repeat an n-gram within a hypothesis.
+    pub fn banned(&self) -> (Vec<i64>, Vec<i64>) {
+        let n = self.cfg.no_repeat_ngram_size;
+        let (mut rows, mut tokens) = (Vec::new(), Vec::new());
+        if n == 0 {
+            return (rows, tokens);
+        }
+        let beams = self.live.iter().flat_map(|&b| self.items[b].beams.iter());
+        for (row, beam) in beams.enumerate() {
+            let h = &beam.tokens;
+            if h.len() + 1 < n {
+                continue;
+            }
+            let prefix = &h[h.len() + 1 - n..];
+            for start in 0..=h.len() - n {
+                if &h[start..start + n - 1] == prefix {
+                    rows.push(row as i64);
+                    tokens.push(h[start + n - 1]);
+                }
+            }
+        }
+        (rows, tokens)
+    }
+
+    fn normalized(&self, score: f32, length: usize) -> f64 {
+        let score = f64::from(score);
+        if self.cfg.length_penalty == 0.0 {
+            score
+        } else {
+            score / (length.max(1) as f64).powf(self.cfg.length_penalty)
+        }
+    }
+
+    /// Advances one step from the per-item top-k candidates: `scores` and
+    /// `indices` are `(num_live_items, k)` row-major, an index is
+    /// `beam * vocab_size + token` within its item.
+    pub fn step(
+        &mut self,
+        scores: &[f32],
+        indices: &[i64],
+        k: usize,
+        vocab_size: usize,
+    ) -> Result<StepOutput> {
+        let beam = self.cfg.beam_size;
+        if self.is_done() {
+            return Err(invalid!("step() called after every item finished"));
+        }
+        if k == 0 || (k < 2 * beam && k != beam * vocab_size) {
+            return Err(invalid!(
+                "need k >= 2 * beam_size = {} candidates per item, got {k}",
+                2 * beam
+            ));
+        }
+        let n_items = self.live.len();
+        if scores.len() != n_items * k || indices.len() != n_items * k {
+            return Err(invalid!(
+                "expected ({n_items}, {k}) candidate scores and indices for {n_items} live items, got {} and {} values",
+                scores.len(),
+                indices.len()
+            ));
+        }
+        let limit = (beam * vocab_size) as i64;
+        if let Some(bad) = indices.iter().find(|&&i| i < 0 || i >= limit) {
+            return Err(invalid!(
+                "candidate index {bad} is outside 0..beam_size*vocab_size = 0..{limit}"
+            ));
+        }
+        if scores.iter().any(|s| s.is_nan()) {
+            return Err(invalid!("candidate scores contain NaN"));
+        }
+        let last_step = self.steps + 1 >= self.cfg.max_len;
+        let mut out = StepOutput {
+            tokens: Vec::with_capacity(n_items * beam),
+            reorder: Vec::with_capacity(n_items * beam),
+            cum_scores: Vec::with_capacity(n_items * beam),
+        };
+        let mut still_live = Vec::with_capacity(n_items);
+        for (pos, &b) in self.live.clone().iter().enumerate() {
+            let mut order: Vec<usize> = (pos * k..(pos + 1) * k).collect();
+            order.sort_by(|&x, &y| {
+                scores[y]
+                    .total_cmp(&scores[x])
+                    .then(indices[x].cmp(&indices[y]))
+            });
+            let mut next: Vec<(usize, Beam)> = Vec::with_capacity(beam);
+            for (rank, &c) in order.iter().enumerate() {
+                let (parent, token) = (
+                    indices[c] as usize / vocab_size,
+                    indices[c] % vocab_size as i64,
+                );
+                let score = scores[c];
+                if token == self.cfg.eos_id {
+                    if rank < beam && score > f32::NEG_INFINITY {
+                        let tokens = self.items[b].beams[parent].tokens.clone();
+                        let length = tokens.len() + 1;
+                        let score = self.normalized(score, length);
+                        self.items[b].ended.push(Hypothesis { tokens, score });
+                    }
+                    continue;
+                }
+                let mut tokens = self.items[b].beams[parent].tokens.clone();
+                tokens.push(token);
+                next.push((parent, Beam { tokens, score }));
+                if next.len() == beam {
+                    break;
+                }
+            }
+            if next.len() < beam {
+                return Err(invalid!(
+                    "only {} non-EOS candidates for {beam} beams: pass k >= 2 * beam_size",
+                    next.len()
+                ));
+            }
+            let item_done = if last_step {
+                for (_, beam_state) in &next {
+                    if beam_state.score > f32::NEG_INFINITY {
+                        let length = beam_state.tokens.len();
+                        let score = self.normalized(beam_state.score, length);
+                        self.items[b].ended.push(Hypothesis {
+                            tokens: beam_state.tokens.clone(),
+                            score,
+                        });
+                    }
+                }
+                true
+            } else {
+                self.item_is_done(b, &next)
+            };
+            if item_done {
+                continue;
+            }
+            for (parent, beam_state) in &next {
+                out.tokens
+                    .push(*beam_state.tokens.last().expect("a new beam has a token"));
+                out.reorder.push((pos * beam + parent) as i64);
+                out.cum_scores.push(beam_state.score);
+            }
+            self.items[b].beams = next.into_iter().map(|(_, s)| s).collect();
+            still_live.push(b);
+        }
+        self.live = still_live;
+        self.steps += 1;
+        Ok(out)
+    }
+
+    fn item_is_done(&self, b: usize, next: &[(usize, Beam)]) -> bool {
+        let ended = &self.items[b].ended;
+        if ended.len() >= self.cfg.beam_size {
+            return true;
+        }
+        if self.cfg.length_penalty != 0.0 || ended.len() < self.cfg.n_best {
+            return false;
+        }
+        let mut best: Vec<f64> = ended.iter().map(|h| h.score).collect();
+        best.sort_by(|x, y| y.total_cmp(x));
+        let best_live = next
+            .iter()
+            .map(|(_, s)| f64::from(s.score))
+            .fold(f64::NEG_INFINITY, f64::max);
+        best[self.cfg.n_best - 1] >= best_live
+    }
+
+    /// The `n_best` highest-scoring ended hypotheses of every item, best first
+    /// (equal scores: the one that ended first). Call once [`BeamSearch::is_done`].
+    pub fn finalize(&self) -> Result<Vec<Vec<Hypothesis>>> {
+        if !self.is_done() {
+            return Err(invalid!(
+                "finalize() called while {} items are still searching",
+                self.live.len()
+            ));
+        }
+        Ok(self
+            .items
+            .iter()
+            .map(|item| {
+                let mut ended = item.ended.clone();
+                ended.sort_by(|x, y| y.score.total_cmp(&x.score));
+                ended.truncate(self.cfg.n_best);
+                ended
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(batch: usize, beam: usize, max_len: usize) -> BeamConfig {
+        BeamConfig {
+            batch_size: batch,
+            beam_size: beam,
+            max_len,
+            eos_id: 0,
+            length_penalty: 0.0,
+            no_repeat_ngram_size: 0,
+            n_best: 1,
+        }
+    }
+
+    /// Drives the search with a fixed log-prob table per step (same for all rows).
+    fn top_k(search: &BeamSearch, logp: &[f32], k: usize) -> (Vec<f32>, Vec<i64>) {
+        let v = logp.len();
+        let cum = search.cum_scores();
+        let beam = search.config().beam_size;
+        let (mut s, mut i) = (Vec::new(), Vec::new());
+        for item in cum.chunks(beam) {
+            let mut cand: Vec<(f32, i64)> = item
+                .iter()
+                .enumerate()
+                .flat_map(|(j, &c)| {
+                    logp.iter()
+                        .enumerate()
+                        .map(move |(t, &l)| (c + l, (j * v + t) as i64))
+                })
+                .collect();
+            cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for &(score, idx) in cand.iter().take(k) {
+                s.push(score);
+                i.push(idx);
+            }
+        }
+        (s, i)
+    }
+
+    #[test]
+    fn greedy_path_ends_at_eos() {
+        let mut bs = BeamSearch::new(cfg(1, 1, 10)).unwrap();
+        let step1 = [-5.0, -0.1, -3.0];
+        let (s, i) = top_k(&bs, &step1, 2);
+        let out = bs.step(&s, &i, 2, 3).unwrap();
+        assert_eq!(out.tokens, vec![1]);
+        assert_eq!(out.reorder, vec![0]);
+        let eos = [-0.01, -3.0, -3.0];
+        let (s, i) = top_k(&bs, &eos, 2);
+        let out = bs.step(&s, &i, 2, 3).unwrap();
+        assert!(out.tokens.is_empty());
+        assert!(bs.is_done());
+        let result = bs.finalize().unwrap();
+        assert_eq!(result[0][0].tokens, vec![1]);
+        assert!((result[0][0].score - (-0.11f32) as f64).abs() < 1e-6);
+    }
+
+    #[test]
+    fn max_len_ends_all_beams() {
+        let mut bs = BeamSearch::new(cfg(2, 2, 2)).unwrap();
+        let logp = [-9.0, -0.5, -1.0, -2.0];
+        for _ in 0..2 {
+            let (s, i) = top_k(&bs, &logp, 4);
+            bs.step(&s, &i, 4, 4).unwrap();
+        }
+        assert!(bs.is_done());
+        let result = bs.finalize().unwrap();
+        assert_eq!(result.len(), 2);
+        assert_eq!(result[0][0].tokens, vec![1, 1]);
+    }
+
+    #[test]
+    fn banned_pairs_block_repeated_bigrams() {
+        let mut c = cfg(1, 1, 10);
+        c.no_repeat_ngram_size = 2;
+        let mut bs = BeamSearch::new(c).unwrap();
+        // Generate 1, 2, 1 -> the bigram (1, 2) is banned next.
+        for t in [1usize, 2, 1] {
+            let mut logp = vec![-5.0f32; 4];
+            logp[t] = -0.1;
+            let (s, i) = top_k(&bs, &logp, 2);
+            bs.step(&s, &i, 2, 4).unwrap();
+        }
+        assert_eq!(bs.banned(), (vec![0], vec![2]));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        assert!(BeamSearch::new(cfg(0, 1, 1)).is_err());
+        let mut c = cfg(1, 2, 3);
+        c.n_best = 3;
+        assert!(BeamSearch::new(c).is_err());
+        let mut bs = BeamSearch::new(cfg(1, 2, 3)).unwrap();
+        assert!(bs.step(&[0.0; 4], &[0, 1, 2, 99], 4, 5).is_err());
+        assert!(bs.step(&[0.0; 3], &[0, 1, 2], 3, 5).is_err());
+        assert!(bs.step(&[f32::NAN; 4], &[0, 1, 2, 3], 4, 5).is_err());
+        assert!(bs.finalize().is_err());
+    }
+}
