@@ -1,0 +1,79 @@
+"""Image loading with clear errors, and the reference's image transforms.
+
+Transforms (as R2GenCMN, with the 224 crop generalised to ``image_size``):
+  train: Resize(shorter side to round(size*256/224)), RandomCrop(size), RandomHorizontalFlip,
+         ToTensor, Normalize(ImageNet mean/std)
+  eval:  Resize((size, size)), ToTensor, Normalize(ImageNet mean/std)
+The resize step is kept apart (``ImageTransform.resize``) so the optional image cache can
+store its deterministic output and skip decoding large files every epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+
+from cmn.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image file fully and return it as an RGB PIL image.
+
+    The whole file is decoded here (``img.load()``), so a truncated PNG or JPEG is a
+    DataError naming the file now rather than a garbled image later. Pillow's
+    ``LOAD_TRUNCATED_IMAGES`` is left False on purpose.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # Pillow reports truncated and corrupt data as OSError/SyntaxError with a short reason.
+        raise DataError(f"{path}: corrupt or truncated image ({e})") from None
+
+
+def resize_size(image_size: int) -> int:
+    """Shorter-side size before the training crop: 256 for the reference's 224 crop."""
+    return round(image_size * 256 / 224)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL RGB image -> float32 tensor (3, S, S): a deterministic resize, then the rest.
+
+    ``resize_key`` names the resize exactly, so cached resized images are keyed by it.
+    """
+
+    resize: transforms.Resize
+    rest: transforms.Compose
+    resize_key: str
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.rest(self.resize(img))  # (3, S, S) float32
+
+
+def build_transform(image_size: int, train: bool) -> ImageTransform:
+    """The reference's train (random crop + flip) or eval (square resize) transform."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        short = resize_size(image_size)
+        resize = transforms.Resize(short)
+        rest = transforms.Compose(
+            [transforms.RandomCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]
+        )
+        return ImageTransform(resize, rest, f"short{short}-bilinear")
+    resize = transforms.Resize((image_size, image_size))
+    return ImageTransform(resize, transforms.Compose(normalize), f"square{image_size}-bilinear")
