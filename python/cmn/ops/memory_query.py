@@ -21,6 +21,7 @@ from cmn.ops._ref import memory_query_ref
 
 IMPLS = ("auto", "naive", "torch", "triton")
 TRITON_MAX_TOPK = 128
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _triton_available(device):
@@ -40,18 +41,21 @@ def _triton_supports_topk(topk):
     return topk <= TRITON_MAX_TOPK and topk & (topk - 1) == 0
 
 
-def resolve_impl(impl, device, topk):
-    """The implementation that ``memory_query`` will run for ``impl`` on ``device``."""
+def resolve_impl(impl, device, topk, dtype=torch.float32):
+    """The implementation that ``memory_query`` will run for ``impl``, ``device``, ``topk``, ``dtype``."""
     if impl not in IMPLS:
         raise ConfigError(f"memory_query impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     if impl == "auto":
-        if device.type == "cuda" and _triton_available(device) is None and _triton_supports_topk(topk):
+        if (device.type == "cuda" and dtype in TRITON_DTYPES and _triton_supports_topk(topk)
+                and _triton_available(device) is None):
             return "triton"
         return "torch"
     if impl == "triton":
         reason = _triton_available(device)
         if reason is not None:
             raise ConfigError(f"memory_query impl='triton' cannot run: {reason}; use impl='torch' or 'auto'")
+        if dtype not in TRITON_DTYPES:
+            raise ConfigError(f"memory_query impl='triton' supports fp32, bf16 and fp16; got {dtype}")
         if not _triton_supports_topk(topk):
             warnings.warn(f"memory_query: the triton kernel needs topk a power of two <= {TRITON_MAX_TOPK}; "
                           f"topk={topk} runs on the torch path", stacklevel=3)
@@ -130,7 +134,7 @@ def memory_query(q, k, v, topk, *, impl="auto", return_selection=False, dropout_
         (B, H, L, K) in q's dtype, after dropout.
     """
     _check_inputs(q, k, v, topk, dropout_p)
-    impl = resolve_impl(impl, q.device, topk)
+    impl = resolve_impl(impl, q.device, topk, q.dtype)
     if impl == "naive":
         out, idx, weights = memory_query_ref(q, k, v, topk, dropout_p)
     else:
