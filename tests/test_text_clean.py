@@ -1,0 +1,152 @@
+"""Report cleaning: native (Rust) output must equal the reference behaviour exactly.
+
+:mod:`cmn.text_ref` restates the reference (R2GenCMN) cleaning in plain Python; the
+golden tests below pin each of its quirks with literal expected strings.
+"""
+import sys
+import unicodedata
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cmn import _native
+from cmn.errors import DataError
+from cmn.text import clean_report, clean_reports
+from cmn.text_ref import clean_report as ref_clean
+
+DATASETS = ("iu_xray", "mimic_cxr")
+
+
+def both(text):
+    return {ds: clean_report(text, ds) for ds in DATASETS}
+
+
+# -- golden tests: one per quirk of the reference -------------------------------------
+
+
+def test_golden_plain_report():
+    assert clean_report("The lungs are clear. No effusion.", "mimic_cxr") == "the lungs are clear . no effusion ."
+
+
+def test_golden_quirk_colon_to_bracket_range_deletes_comparison_signs():
+    # `:-\[` is a range: ':' ';' '<' '=' '>' '?' '@' 'A'-'Z' '[' are deleted, '-' is kept.
+    assert both("a<b=c>d@e?f;g:h[i]j") == {ds: "abcdefghij ." for ds in DATASETS}
+    assert both("well-defined") == {ds: "well-defined ." for ds in DATASETS}
+    assert clean_report("size <= 5 mm", "mimic_cxr") == "size  5 mm ."
+
+
+def test_golden_quirk_empty_sentences_are_never_filtered():
+    assert both(". . .") == {ds: " .  .  ." for ds in DATASETS}
+    assert both("") == {ds: " ." for ds in DATASETS}
+    assert both("!!!") == {ds: " ." for ds in DATASETS}
+
+
+def test_golden_quirk_one_dot_space_is_deleted_anywhere():
+    assert clean_report("see 11. nodes", "mimic_cxr") == "see 1nodes ."
+    assert clean_report("1. clear. 2. normal", "iu_xray") == "clear . normal ."
+    assert clean_report("clear 3. normal 6. end", "iu_xray") == "clear . normal 6 . end ."
+
+
+def test_golden_quirk_mimic_only_rewrites_newlines_underscores_and_spaces():
+    assert both("___ noted\nhere") == {"iu_xray": " noted\nhere .", "mimic_cxr": " noted here ."}
+    assert both("a  b") == {"iu_xray": "a  b .", "mimic_cxr": "a b ."}
+
+
+def test_golden_deidentification_markers():
+    report = "Dr. ___ was paged at ___ on ___. Findings discussed."
+    assert clean_report(report, "mimic_cxr") == "dr .  was paged at  on  . findings discussed ."
+
+
+def test_golden_quotes_slashes_and_braces():
+    assert clean_report('"Left" side/base {stable} \\ it\'s', "iu_xray") == "left sidebase stable  its ."
+
+
+def test_golden_python_whitespace_and_lowercase():
+    # U+001C is whitespace for Python's strip(), not for Rust's trim().
+    assert clean_report("\x1cClear\x1c", "iu_xray") == "clear ."
+    assert clean_report("İ ΟΔΟΣ. ΟΔΟΣΑ", "iu_xray") == "i\u0307 οδος . οδοσα ."
+
+
+# -- exhaustive checks of the Python string semantics ---------------------------------
+
+
+def test_lowercase_matches_python_for_every_code_point():
+    chars = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000]
+    text = "".join(chars)
+    assert _native._py_lower(text) == text.lower()
+
+
+def test_whitespace_and_punctuation_match_python_for_the_bmp_start():
+    for code in range(0x3100):
+        if 0xD800 <= code < 0xE000:
+            continue
+        text = f"A{chr(code)}b. C {chr(code)}"
+        for ds in DATASETS:
+            assert clean_report(text, ds) == ref_clean(text, ds), hex(code)
+
+
+# -- property tests against the reference ---------------------------------------------
+
+FRAGMENTS = [
+    "1. ", ". 2. ", " 3. ", " 4. ", ". 5. ", "11. ", "___", "__", "_", "..", "...", ". ", "  ", "\n",
+    "\t", "\x1c", "\xa0", "\u2028", "(", ")", "[", "]", "{", "}", ":", "<", ">", "=", "@", "-", "'", '"',
+    "/", "\\", "?", "!", "%", "^", "&", "*", "+", ",", ";", "İ", "Σ", "ß", "é", "ﬁ", "Ⅻ", "\u0301",
+    "The", "lungs", "are", "clear", "No", "pleural", "effusion", "PA", "AP", "CHF", "x", "2cm",
+]
+known_text = st.text(st.characters(blacklist_categories=("Cs", "Cn")), max_size=200)
+fragment_text = st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join)
+numbered = st.lists(st.tuples(st.integers(1, 12), fragment_text), max_size=8).map(
+    lambda items: " ".join(f"{n}. {s}." for n, s in items)
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(known_text, fragment_text, numbered), dataset=st.sampled_from(DATASETS))
+def test_matches_reference_on_random_and_adversarial_text(text, dataset):
+    assert clean_report(text, dataset) == ref_clean(text, dataset)
+
+
+@settings(max_examples=20, deadline=None)
+@given(text=fragment_text)
+def test_matches_reference_on_very_long_text(text):
+    long = (text + " Heart size normal. ") * 500
+    for ds in DATASETS:
+        assert clean_report(long, ds) == ref_clean(long, ds)
+
+
+def test_unknown_to_pythons_unicode_database_is_left_alone():
+    # Upper-case letters newer than Python's Unicode tables: Python keeps them.
+    for ch in ("\u1c89", "\ua7cb", "\U00010d50", "\U00016ea0"):
+        if unicodedata.category(ch) == "Cn":
+            assert clean_report(f"AΣ{ch}", "iu_xray") == ref_clean(f"AΣ{ch}", "iu_xray")
+
+
+# -- batch, bytes and bad input --------------------------------------------------------
+
+
+def test_clean_reports_matches_one_by_one():
+    texts = ["A. B", "", "1. x. 2. y", "___ z\n"] * 50
+    for ds in DATASETS:
+        assert clean_reports(texts, ds) == [ref_clean(t, ds) for t in texts]
+    assert clean_reports(iter(["A"]), "iu_xray") == ["a ."]
+
+
+def test_utf8_bytes_are_accepted():
+    assert clean_report("Opacité. Normal".encode(), "iu_xray") == ref_clean("Opacité. Normal", "iu_xray")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [("ok \udcff", "lone surrogate"), (b"ok \xff", "not valid UTF-8: invalid byte at offset 3"), (42, "must be str or bytes")],
+)
+def test_bad_text_is_a_data_error(bad, message):
+    with pytest.raises(DataError, match=message):
+        clean_report(bad, "mimic_cxr")
+    with pytest.raises(DataError, match="report 1"):
+        clean_reports(["fine", bad], "mimic_cxr")
+
+
+def test_unknown_dataset_is_a_data_error():
+    with pytest.raises(DataError, match="unknown dataset 'chexpert'|unknown dataset \"chexpert\""):
+        clean_report("x", "chexpert")
