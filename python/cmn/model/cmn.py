@@ -168,6 +168,7 @@ class _CachedDecoder:
 
     def __init__(self, model: CMN, memory: torch.Tensor, text_kv: Optional[MemoryKV]):
         self.model, self.text_kv = model, text_kv
+        self.device = memory.device
         self.caches = model.decoder.start(memory)
         self.t = 0
 
@@ -190,6 +191,7 @@ class _FullRedecoder:
 
     def __init__(self, model: CMN, memory: torch.Tensor):
         self.model, self.memory = model, memory
+        self.device = memory.device
         self.prefix = memory.new_zeros(memory.shape[0], 0, dtype=torch.long)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
