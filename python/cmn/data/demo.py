@@ -121,7 +121,7 @@ _PHRASES = {
                  "The right internal jugular catheter tip projects over the superior vena cava."],
     "pacemaker": ["A left chest wall pacemaker is present with leads in the right atrium and right ventricle.",
                   "Left chest pacemaker with leads terminating in the right atrium and right ventricle.",
-                  "A pacing device overlies the left chest with two leads in the right heart."],
+                  "A pacing device overlies the left chest wall with two transvenous leads."],
     "no_device": ["No support devices are seen.", "There are no lines or tubes."],
     "bones": ["No acute osseous abnormality.", "The osseous structures are intact."],
 }
