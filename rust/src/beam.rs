@@ -17,6 +17,8 @@
 //! `n_best`-th best ended score is at least every live score: log-probabilities are
 //! at most 0, so no live beam can overtake it. Scores of ended hypotheses are
 //! `sum_logprob / length^length_penalty`, length counting the EOS.
+use std::cmp::Ordering;
+
 use crate::error::Result;
 use crate::invalid;
 
@@ -143,8 +145,8 @@ impl BeamSearch {
         let beams = self.live.iter().flat_map(|&b| self.items[b].beams.iter());
         for (row, beam) in beams.enumerate() {
             let h = &beam.tokens;
-            if h.len() + 1 < n {
-                continue;
+            if h.len() < n {
+                continue; // no complete n-gram to repeat yet
             }
             let prefix = &h[h.len() + 1 - n..];
             for start in 0..=h.len() - n {
@@ -309,7 +311,7 @@ impl BeamSearch {
             .iter()
             .map(|item| {
                 let mut ended = item.ended.clone();
-                ended.sort_by(|x, y| y.score.total_cmp(&x.score));
+                ended.sort_by(|x, y| y.score.partial_cmp(&x.score).unwrap_or(Ordering::Equal));
                 ended.truncate(self.cfg.n_best);
                 ended
             })
@@ -403,6 +405,22 @@ mod tests {
             bs.step(&s, &i, 2, 4).unwrap();
         }
         assert_eq!(bs.banned(), (vec![0], vec![2]));
+    }
+
+    #[test]
+    fn banned_is_empty_before_the_first_full_ngram() {
+        let mut c = cfg(1, 1, 10);
+        c.no_repeat_ngram_size = 3;
+        let mut bs = BeamSearch::new(c).unwrap();
+        for t in [1usize, 1] {
+            assert_eq!(bs.banned(), (vec![], vec![]));
+            let mut logp = vec![-5.0f32; 4];
+            logp[t] = -0.1;
+            let (s, i) = top_k(&bs, &logp, 2);
+            bs.step(&s, &i, 2, 4).unwrap();
+        }
+        // 1 1 -> the trigram (1, 1, 1) is not there yet.
+        assert_eq!(bs.banned(), (vec![], vec![]));
     }
 
     #[test]
