@@ -122,6 +122,11 @@ def test_missing_files_are_listed_up_front(image_dir):
     assert "a/1.png" in message and "c/0.png" in message
 
 
+def test_missing_image_directory(image_dir):
+    with pytest.raises(DataError, match=r"^ann\.json: image directory .*nowhere not found$"):
+        make(image_dir / "nowhere", ann_path="ann.json")
+
+
 def test_long_missing_list_is_shortened(image_dir):
     items = [Study(f"m{i}", "r", (f"m{i}/0.png", f"m{i}/1.png")) for i in range(10)]
     with pytest.raises(DataError, match=r"20 image file\(s\) not found .*m2/0\.png, \.\.\.$"):

@@ -43,6 +43,11 @@ def test_missing_image(tmp_path):
         load_image(tmp_path / "a.png")
 
 
+def test_directory_instead_of_image(tmp_path):
+    with pytest.raises(DataError, match="is a directory"):
+        load_image(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["a.png", "a.jpg"])
 def test_truncated_image(tmp_path, name):
     path = truncate(gradient_image(tmp_path / name, size=(200, 150), mode="RGB"))

@@ -107,6 +107,8 @@ def _check_views(studies: Sequence[Study], num_views: int, source: str) -> None:
 
 
 def _check_files_exist(paths: Sequence[tuple[str, ...]], image_dir: Path, source: str) -> None:
+    if not image_dir.is_dir():
+        raise DataError(f"{source}image directory {image_dir} not found")
     missing = [p for views in paths for p in views if not os.path.isfile(p)]
     if missing:
         listed = ", ".join(missing[:_MAX_LISTED]) + (", ..." if len(missing) > _MAX_LISTED else "")

@@ -518,7 +518,7 @@ def _generate(out: Path, params: DemoParams) -> None:
             findings, report, frontal, lateral = _study(params, split, i)
             (images / sid).mkdir(parents=True)
             for view, arr in enumerate((frontal, lateral)):
-                Image.fromarray(arr, mode=None).save(images / sid / f"{view}.png", format="PNG")
+                Image.fromarray(arr).save(images / sid / f"{view}.png", format="PNG")
             entries.append({"id": sid, "report": report, "image_path": [f"{sid}/0.png", f"{sid}/1.png"],
                             "split": split, "findings": asdict(findings)})
         annotation[split] = entries
