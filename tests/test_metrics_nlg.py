@@ -8,7 +8,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
 from cmn.errors import DataError
-from cmn.metrics import MeteorUnavailableWarning, NLGScorer, nlg_scores
+from cmn.metrics import NLG_KEYS, MeteorUnavailableWarning, NLGScorer, evaluate_reports, nlg_scores
 
 REFS = {
     "a": "the heart size is normal . there is no pleural effusion or pneumothorax .",
@@ -102,6 +102,15 @@ def test_mismatched_ids_is_a_data_error():
         nlg_scores(REFS, dict(PREDS, zz="extra"), meteor=False)
     with pytest.raises(DataError, match="reference id"):
         nlg_scores(REFS, {"a": PREDS["a"]}, meteor=False)
+
+
+def test_evaluate_reports_flat_dict_with_shared_scorer(scorer):
+    out = evaluate_reports(REFS, PREDS, clinical=True, scorer=scorer)
+    assert set(NLG_KEYS) <= set(out)
+    ce_keys = {"CE_precision", "CE_recall", "CE_F1", "CE_precision_micro", "CE_recall_micro", "CE_F1_micro"}
+    assert ce_keys <= set(out)
+    assert all(0.0 <= out[k] <= 1.0 for k in ce_keys)
+    assert "CE_F1" not in evaluate_reports(REFS, PREDS, clinical=False, scorer=scorer)
 
 
 def test_close_stops_java_and_is_idempotent(scorer):
