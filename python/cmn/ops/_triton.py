@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INT64_MIN = -(2**63)
+_INT64_MIN = tl.constexpr(-(2**63))  # compiled kernels may only read constexpr globals
 
 
 @triton.jit

@@ -1,0 +1,38 @@
+"""memory_query: naive (the reference ops) vs the torch path vs the fused triton kernel.
+
+Each shape and mode is one pytest-benchmark group holding every implementation. Peak memory
+(CPU: RSS growth in a fresh process; CUDA: max allocated) goes to ``extra_info``.
+
+    python -m pytest benches/bench_memory_query.py --benchmark-disable   # smoke: tiny shapes, once each
+    CMN_BENCH_FULL=1 python -m pytest benches/bench_memory_query.py --benchmark-enable \\
+        --benchmark-group-by=group                                     # the full grid
+    python benches/run_gpu_suite.py --output benches/RESULTS-gpu.md     # the grid as a table
+
+The full grid is B in {1, 16}, L in {60, 98}, N in {512, 2048, 8192, 65536}, K in
+{8, 32, 128}, H = 8, d = 64, fp32. Naive cases that cannot fit are skipped with the reason.
+"""
+import os
+
+import pytest
+import torch
+
+import mq_cases
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+IMPLS = ["naive", "torch"] + (["triton"] if DEVICE.type == "cuda" else [])
+CASES = mq_cases.grid(full=os.environ.get("CMN_BENCH_FULL") == "1")
+
+
+@pytest.mark.parametrize("mode", mq_cases.MODES)
+@pytest.mark.parametrize("case", CASES, ids=mq_cases.shape_name)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_memory_query(benchmark, impl, case, mode):
+    if impl == "naive":
+        reason = mq_cases.naive_skip_reason(case, mode, DEVICE)
+        if reason:
+            print(f"skip naive {mq_cases.shape_name(case)} {mode}: {reason}")
+            pytest.skip(reason)
+    benchmark.group = f"memory_query {mq_cases.shape_name(case)} {mode}"
+    benchmark.extra_info["peak_MB"] = round(mq_cases.peak_bytes(impl, mode, case, DEVICE) / 2**20, 1)
+    step = mq_cases.make_step(impl, mode, mq_cases.make_inputs(case, DEVICE), case["K"])
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)

@@ -1,0 +1,133 @@
+"""Shapes, inputs and measurements shared by the memory_query benchmarks.
+
+Used by benches/bench_memory_query.py (pytest-benchmark) and benches/run_gpu_suite.py (one
+command, markdown table). Also a script: ``python benches/mq_cases.py IMPL MODE B L N K``
+runs one case once in this fresh process and prints its peak-RSS growth in bytes, which
+is how CPU peak memory is measured (RSS only grows, so each case needs its own process).
+"""
+import gc
+import itertools
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from cmn.ops import memory_query
+
+HEADS, HEAD_DIM = 8, 64  # the paper's model: d_model 512 in 8 heads
+FULL_GRID = dict(B=(1, 16), L=(60, 98), N=(512, 2048, 8192, 65536), K=(8, 32, 128))
+SMOKE_GRID = dict(B=(2,), L=(6,), N=(200,), K=(8,))  # N not a multiple of any tile
+PAPER = dict(B=16, L=98, N=2048, K=32)  # IU X-Ray sizes of the paper, fp32
+MODES = ("fwd", "fwd+bwd")
+
+
+def grid(full):
+    g = FULL_GRID if full else SMOKE_GRID
+    return [dict(B=b, L=l, N=n, K=k) for b, l, n, k in itertools.product(g["B"], g["L"], g["N"], g["K"])]
+
+
+def shape_name(case):
+    return f"B={case['B']} L={case['L']} N={case['N']} K={case['K']}"
+
+
+def make_inputs(case, device, dtype=torch.float32, heads=HEADS, head_dim=HEAD_DIM, seed=0):
+    """q (B, H, L, d) and the shared memory k, v (H, N, d), all requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, N = case["B"], case["L"], case["N"]
+    q = torch.randn(B, heads, L, head_dim, generator=g)
+    k = torch.randn(heads, N, head_dim, generator=g)
+    v = torch.randn(heads, N, head_dim, generator=g)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+
+
+def make_step(impl, mode, inputs, topk):
+    """A no-argument callable running one forward (and backward) pass."""
+    q, k, v = inputs
+    grad = torch.ones_like(q)
+
+    def step():
+        out = memory_query(q, k, v, topk, impl=impl)
+        if mode == "fwd+bwd":
+            out.backward(grad)
+            for t in inputs:
+                t.grad = None
+        if q.is_cuda:
+            torch.cuda.synchronize()
+
+    if mode == "fwd+bwd":
+        return step
+
+    def forward_only():
+        with torch.no_grad():  # "fwd" is inference: no autograd bookkeeping
+            step()
+
+    return forward_only
+
+
+def available_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def naive_skip_reason(case, mode, device, dtype=torch.float32):
+    """Why the naive op cannot run this case here, or None: it needs the (B, H, L, N) scores,
+    and in backward the (B, H, L, N, d) gather gradient, which does not fit."""
+    B, L, N = case["B"], case["L"], case["N"]
+    item = torch.finfo(dtype).bits // 8
+    need = 2 * B * HEADS * L * N * item
+    if mode == "fwd+bwd":
+        need += B * HEADS * L * N * HEAD_DIM * item
+    free = available_bytes(device)
+    if need > 0.8 * free:
+        return f"naive needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on {device.type}"
+    return None
+
+
+def time_step(step, min_total=0.3, max_reps=10):
+    """Median seconds per call after one warm-up call (which also compiles triton kernels)."""
+    step()
+    times = []
+    while len(times) < max_reps and sum(times) < min_total:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_bytes(impl, mode, case, device):
+    """Peak memory growth of one call: CUDA max allocated, or CPU RSS in a fresh process."""
+    if device.type == "cuda":
+        inputs = make_inputs(case, device)
+        step = make_step(impl, mode, inputs, case["K"])
+        step()  # warm-up: compile, allocate autotune caches
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - base
+    cmd = [sys.executable, os.path.abspath(__file__), impl, mode,
+           *(str(case[x]) for x in ("B", "L", "N", "K"))]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
+def _peak_rss_main(argv):
+    impl, mode, B, L, N, K = argv
+    case = dict(B=int(B), L=int(L), N=int(N), K=int(K))
+    inputs = make_inputs(case, torch.device("cpu"))
+    step = make_step(impl, mode, inputs, case["K"])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+
+
+if __name__ == "__main__":
+    _peak_rss_main(sys.argv[1:])
