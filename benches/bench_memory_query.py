@@ -1,7 +1,8 @@
 """memory_query: naive (the reference ops) vs the torch path vs the fused triton kernel.
 
 Each shape and mode is one pytest-benchmark group holding every implementation. Peak memory
-(CPU: RSS growth in a fresh process; CUDA: max allocated) goes to ``extra_info``.
+(CPU: RSS growth in a fresh process; CUDA: max allocated) goes to ``extra_info`` when
+benchmarks are enabled.
 
     python -m pytest benches/bench_memory_query.py --benchmark-disable   # smoke: tiny shapes, once each
     CMN_BENCH_FULL=1 python -m pytest benches/bench_memory_query.py --benchmark-enable \\
@@ -33,6 +34,7 @@ def test_memory_query(benchmark, impl, case, mode):
             print(f"skip naive {mq_cases.shape_name(case)} {mode}: {reason}")
             pytest.skip(reason)
     benchmark.group = f"memory_query {mq_cases.shape_name(case)} {mode}"
-    benchmark.extra_info["peak_MB"] = round(mq_cases.peak_bytes(impl, mode, case, DEVICE) / 2**20, 1)
+    if benchmark.enabled:  # a fresh process per case on CPU: too slow for the smoke run
+        benchmark.extra_info["peak_MB"] = round(mq_cases.peak_bytes(impl, mode, case, DEVICE) / 2**20, 1)
     step = mq_cases.make_step(impl, mode, mq_cases.make_inputs(case, DEVICE), case["K"])
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)

@@ -8,7 +8,6 @@ is how CPU peak memory is measured (RSS only grows, so each case needs its own p
 import gc
 import itertools
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -119,14 +118,26 @@ def peak_bytes(impl, mode, case, device):
     return int(result.stdout.split()[-1])
 
 
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def _peak_rss_main(argv):
     impl, mode, B, L, N, K = argv
     case = dict(B=int(B), L=int(L), N=int(N), K=int(K))
     inputs = make_inputs(case, torch.device("cpu"))
     step = make_step(impl, mode, inputs, case["K"])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Reset the peak-RSS mark (VmHWM) first: ru_maxrss is carried over from the parent
+    # across fork + exec, so a benchmark parent that ran the naive op would hide ours.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_bytes("VmRSS")
     step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    print(_status_bytes("VmHWM") - base)
 
 
 if __name__ == "__main__":

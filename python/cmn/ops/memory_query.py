@@ -131,7 +131,8 @@ def memory_query(q, k, v, topk, *, impl="auto", return_selection=False, dropout_
         out (B, H, L, d) in q's dtype; with ``return_selection`` also idx (B, H, L, K)
         int64 (sorted by descending score; ties may resolve to any of the tied slots on
         the naive and torch paths, to the lowest index on the triton path) and weights
-        (B, H, L, K) in q's dtype, after dropout.
+        (B, H, L, K) in q's dtype, after dropout (differentiable on the naive and torch
+        paths; on the triton path only ``out`` carries gradients).
     """
     _check_inputs(q, k, v, topk, dropout_p)
     impl = resolve_impl(impl, q.device, topk, q.dtype)
