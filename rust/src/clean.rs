@@ -10,6 +10,10 @@
 //! * the "empty sentence" filter compares a string with a list and never filters,
 //!   so empty sentences survive as ` . ` runs;
 //! * a literal `1. ` is deleted anywhere in the text (also inside `11. ` or `21. `).
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
 use crate::error::{Error, Result};
 
 /// Which dataset's cleaning rules to apply.
@@ -114,7 +118,7 @@ pub fn py_lower(s: &str) -> String {
 }
 
 /// Characters the reference's regex class `[.,?;*!%^&_+():-\[\]{}]` deletes.
-fn is_removed_punct(c: char) -> bool {
+const fn is_removed_punct(c: char) -> bool {
     matches!(
         c,
         '.' | ',' | '?' | ';' | '*' | '!' | '%' | '^' | '&' | '_' | '+' | '(' | ')' | ':'
@@ -122,68 +126,182 @@ fn is_removed_punct(c: char) -> bool {
     )
 }
 
-/// `str.replace` that skips the copy when there is nothing to replace.
-fn replace(s: String, from: &str, to: &str) -> String {
-    if s.contains(from) {
-        s.replace(from, to)
-    } else {
-        s
+/// Sentence-stage action per ASCII byte: [`DROP`] = delete (quote, slash or punctuation
+/// class), otherwise the lower-cased byte to keep.
+const DROP: u8 = 0xff;
+static ASCII_KEEP: [u8; 128] = {
+    let mut table = [DROP; 128];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8 as char;
+        let lower = c.to_ascii_lowercase();
+        if !matches!(c, '"' | '/' | '\\' | '\'') && !is_removed_punct(lower) {
+            table[b] = lower as u8;
+        }
+        b += 1;
+    }
+    table
+};
+
+/// Python's `str.isspace` for ASCII bytes.
+fn is_py_space_byte(b: u8) -> bool {
+    matches!(b, b'\t'..=b'\r' | 0x1c..=b' ')
+}
+
+/// `(pattern, replacement, passes)`: the reference applies some substitutions
+/// several times in a row (each pass is one `str.replace`).
+type Rule = (&'static str, &'static str, usize);
+
+const IU_RULES: &[Rule] = &[("..", ".", 3)];
+const MIMIC_RULES: &[Rule] = &[
+    ("\n", " ", 1),
+    ("__", "_", 7),
+    ("  ", " ", 6),
+    ("..", ".", 8),
+];
+const LIST_RULES: &[Rule] = &[
+    ("1. ", "", 1),
+    (". 2. ", ". ", 1),
+    (". 3. ", ". ", 1),
+    (". 4. ", ". ", 1),
+    (". 5. ", ". ", 1),
+    (" 2. ", ". ", 1),
+    (" 3. ", ". ", 1),
+    (" 4. ", ". ", 1),
+    (" 5. ", ". ", 1),
+];
+
+/// `str.replace(from, to)` done in place on UTF-8 bytes. Every pattern is ASCII and
+/// never longer than its replacement is short, so the text only shrinks and stays
+/// valid UTF-8; matches are found left to right without overlap, as in Python.
+fn replace_in_place(buf: &mut Vec<u8>, finder: &Finder<'static>, to: &str) -> bool {
+    let (from, to) = (finder.needle().len(), to.as_bytes());
+    debug_assert!(to.len() <= from);
+    let Some(first) = finder.find(buf) else {
+        return false;
+    };
+    let (mut write, mut read) = (first, first);
+    loop {
+        buf[write..write + to.len()].copy_from_slice(to);
+        write += to.len();
+        read += from;
+        match finder.find(&buf[read..]) {
+            Some(gap) => {
+                buf.copy_within(read..read + gap, write);
+                write += gap;
+                read += gap;
+            }
+            None => {
+                let rest = buf.len() - read;
+                buf.copy_within(read.., write);
+                write += rest;
+                break;
+            }
+        }
+    }
+    buf.truncate(write);
+    true
+}
+
+/// A [`Rule`] with its substring searcher built once.
+struct Compiled {
+    finder: Finder<'static>,
+    to: &'static str,
+    passes: usize,
+}
+
+fn compile(rules: &'static [Rule]) -> Vec<Compiled> {
+    rules
+        .iter()
+        .map(|&(from, to, passes)| Compiled {
+            finder: Finder::new(from),
+            to,
+            passes,
+        })
+        .collect()
+}
+
+static IU: LazyLock<Vec<Compiled>> = LazyLock::new(|| compile(IU_RULES));
+static MIMIC: LazyLock<Vec<Compiled>> = LazyLock::new(|| compile(MIMIC_RULES));
+static LISTS: LazyLock<Vec<Compiled>> = LazyLock::new(|| compile(LIST_RULES));
+static SENTENCE_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(". "));
+
+fn apply_rules(buf: &mut Vec<u8>, rules: &[Compiled]) {
+    for rule in rules {
+        for _ in 0..rule.passes {
+            // A pass that changes nothing makes the following identical passes no-ops.
+            if !replace_in_place(buf, &rule.finder, rule.to) {
+                break;
+            }
+        }
     }
 }
 
-fn replace_times(mut s: String, from: &str, to: &str, times: usize) -> String {
-    for _ in 0..times {
-        s = replace(s, from, to);
-    }
-    s
-}
-
-/// Whole-report stage: dataset-specific substitutions, then the numbered-list rules.
+/// Whole-report stage: dataset-specific substitutions, the numbered-list rules,
+/// then `strip().lower()`.
 fn report_stage(text: &str, dataset: Dataset) -> String {
-    let mut s = text.to_owned();
-    match dataset {
-        Dataset::IuXray => {
-            s = replace_times(s, "..", ".", 3);
-        }
-        Dataset::MimicCxr => {
-            s = replace(s, "\n", " ");
-            s = replace_times(s, "__", "_", 7);
-            s = replace_times(s, "  ", " ", 6);
-            s = replace_times(s, "..", ".", 8);
-        }
-    }
-    s = replace(s, "1. ", "");
-    for n in ["2", "3", "4", "5"] {
-        s = replace(s, &format!(". {n}. "), ". ");
-    }
-    for n in ["2", "3", "4", "5"] {
-        s = replace(s, &format!(" {n}. "), ". ");
-    }
-    py_lower(py_strip(&s))
+    let mut buf = text.as_bytes().to_vec();
+    apply_rules(
+        &mut buf,
+        match dataset {
+            Dataset::IuXray => &IU,
+            Dataset::MimicCxr => &MIMIC,
+        },
+    );
+    apply_rules(&mut buf, &LISTS);
+    let text = String::from_utf8(buf).expect("ASCII substitutions keep UTF-8 valid");
+    py_lower(py_strip(&text))
 }
 
 /// Sentence stage: drop quotes and slashes, strip, lower, delete the punctuation class.
-fn sentence_stage(sentence: &str, out: &mut String) {
-    let unquoted: String = sentence
-        .chars()
-        .filter(|c| !matches!(c, '"' | '/' | '\\' | '\''))
-        .collect();
+fn sentence_stage(sentence: &str, out: &mut Vec<u8>) {
+    let is_quote = |c: char| matches!(c, '"' | '/' | '\\' | '\'');
+    if sentence.is_ascii() {
+        // Quotes go first, so `strip` sees through them: skip both at the ends.
+        let bytes = sentence.as_bytes();
+        let kept = |b: &u8| !is_quote(*b as char) && !is_py_space_byte(*b);
+        let Some(start) = bytes.iter().position(kept) else {
+            return;
+        };
+        let end = bytes.iter().rposition(kept).unwrap_or(start);
+        out.reserve(end + 1 - start);
+        for &b in &bytes[start..=end] {
+            let keep = ASCII_KEEP[b as usize];
+            if keep != DROP {
+                out.push(keep);
+            }
+        }
+        return;
+    }
+    let unquoted: String = sentence.chars().filter(|&c| !is_quote(c)).collect();
     let lowered = py_lower(py_strip(&unquoted));
-    out.extend(lowered.chars().filter(|&c| !is_removed_punct(c)));
+    let mut utf8 = [0u8; 4];
+    for c in lowered.chars().filter(|&c| !is_removed_punct(c)) {
+        out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+    }
 }
 
 /// Cleans one report exactly like the reference code for `dataset`.
 pub fn clean_report(text: &str, dataset: Dataset) -> String {
     let report = report_stage(text, dataset);
-    let mut out = String::with_capacity(report.len() + 4);
-    for (i, sentence) in report.split(". ").enumerate() {
-        if i > 0 {
-            out.push_str(" . ");
+    let mut out = Vec::with_capacity(report.len() + 4);
+    let splitter = &*SENTENCE_END;
+    let mut rest = report.as_str();
+    loop {
+        match splitter.find(rest.as_bytes()) {
+            Some(at) => {
+                sentence_stage(&rest[..at], &mut out);
+                out.extend_from_slice(b" . ");
+                rest = &rest[at + 2..];
+            }
+            None => {
+                sentence_stage(rest, &mut out);
+                break;
+            }
         }
-        sentence_stage(sentence, &mut out);
     }
-    out.push_str(" .");
-    out
+    out.extend_from_slice(b" .");
+    String::from_utf8(out).expect("only whole characters are copied")
 }
 
 #[cfg(test)]
@@ -196,6 +314,11 @@ mod tests {
 
     fn iu(s: &str) -> String {
         clean_report(s, Dataset::IuXray)
+    }
+
+    #[test]
+    fn control_characters_survive() {
+        assert_eq!(iu("a\0b\x7f"), "a\0b\x7f .");
     }
 
     #[test]

@@ -34,8 +34,13 @@ fn dataset(name: &str) -> PyResult<Dataset> {
     Dataset::parse(name).map_err(to_py)
 }
 
-/// A report as Rust text: `str` (no lone surrogates) or UTF-8 `bytes`.
-fn report_text(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+/// A report as Rust text: `str` (no lone surrogates) or UTF-8 `bytes`;
+/// `index` names the report in error messages of batch calls.
+fn report_text(obj: &Bound<'_, PyAny>, index: Option<usize>) -> PyResult<String> {
+    let what = || match index {
+        Some(i) => format!("report {i}"),
+        None => "report".to_owned(),
+    };
     if let Ok(s) = obj.cast::<PyString>() {
         return match s.extract::<String>() {
             Ok(text) => Ok(text),
@@ -46,8 +51,9 @@ fn report_text(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
                     .position(|c| c == char::REPLACEMENT_CHARACTER)
                     .unwrap_or(0);
                 Err(TextInputError::new_err(format!(
-                    "{what} is not valid Unicode: it contains a lone surrogate (near character {bad}); \
-                     decode the source with errors=\"replace\" or fix the file"
+                    "{} is not valid Unicode: it contains a lone surrogate (near character {bad}); \
+                     decode the source with errors=\"replace\" or fix the file",
+                    what()
                 )))
             }
         };
@@ -55,13 +61,15 @@ fn report_text(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     if let Ok(b) = obj.cast::<PyBytes>() {
         return String::from_utf8(b.as_bytes().to_vec()).map_err(|e| {
             TextInputError::new_err(format!(
-                "{what} is not valid UTF-8: invalid byte at offset {}",
+                "{} is not valid UTF-8: invalid byte at offset {}",
+                what(),
                 e.utf8_error().valid_up_to()
             ))
         });
     }
     Err(TextInputError::new_err(format!(
-        "{what} must be str or bytes, not {}",
+        "{} must be str or bytes, not {}",
+        what(),
         obj.get_type().name()?
     )))
 }
@@ -69,7 +77,7 @@ fn report_text(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
 fn report_texts(objs: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     let mut out = Vec::new();
     for (i, item) in objs.try_iter()?.enumerate() {
-        out.push(report_text(&item?, &format!("report {i}"))?);
+        out.push(report_text(&item?, Some(i))?);
     }
     Ok(out)
 }
@@ -78,7 +86,7 @@ fn report_texts(objs: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
 #[pyfunction]
 fn clean_report(text: &Bound<'_, PyAny>, dataset: &str) -> PyResult<String> {
     let ds = self::dataset(dataset)?;
-    Ok(clean::clean_report(&report_text(text, "report")?, ds))
+    Ok(clean::clean_report(&report_text(text, None)?, ds))
 }
 
 /// Cleans many reports in parallel, without the GIL.
@@ -167,7 +175,7 @@ impl Tokenizer {
 
     /// Cleans and encodes one report: `[0] + ids + [0]`, not truncated.
     fn encode(&self, report: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
-        let text = report_text(report, "report")?;
+        let text = report_text(report, None)?;
         Ok(self
             .vocab
             .encode_cleaned(&clean::clean_report(&text, self.vocab.dataset())))

@@ -3,9 +3,8 @@
 //! Ids: the tokens counted at least `threshold` times in the cleaned training
 //! reports, plus `<unk>`, sorted by code point, numbered from 1. Id 0 is BOS, EOS and
 //! padding at once; in `tokenizer.json` it is the special token [`RESERVED`].
-use std::collections::HashMap;
-
 use rayon::prelude::*;
+use rustc_hash::FxHashMap as HashMap;
 use serde_json::{json, Value};
 
 use crate::clean::{py_split_whitespace, Dataset};
@@ -32,13 +31,13 @@ impl Vocab {
     pub fn build<S: AsRef<str> + Sync>(cleaned: &[S], threshold: i64, dataset: Dataset) -> Vocab {
         let counts = cleaned
             .par_iter()
-            .fold(HashMap::<&str, i64>::new, |mut acc, report| {
+            .fold(HashMap::<&str, i64>::default, |mut acc, report| {
                 for token in py_split_whitespace(report.as_ref()) {
                     *acc.entry(token).or_insert(0) += 1;
                 }
                 acc
             })
-            .reduce(HashMap::new, |mut a, b| {
+            .reduce(HashMap::default, |mut a, b| {
                 let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
                 for (token, n) in small {
                     *big.entry(token).or_insert(0) += n;
@@ -58,7 +57,7 @@ impl Vocab {
     }
 
     fn from_sorted(tokens: Vec<String>, dataset: Dataset) -> Result<Vocab> {
-        let mut ids = HashMap::with_capacity(tokens.len());
+        let mut ids = HashMap::with_capacity_and_hasher(tokens.len(), Default::default());
         for (i, t) in tokens.iter().enumerate() {
             if ids.insert(t.clone(), i as i64 + 1).is_some() {
                 return Err(invalid!("token {t:?} appears twice in the vocabulary"));
