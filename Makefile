@@ -1,0 +1,28 @@
+# The two commands of the README, and a few helpers.
+PY ?= python3
+
+.PHONY: demo test install rust-check bench bench-gpu
+
+install:
+	$(PY) -m pip install -e ".[test]"
+
+# Set up and train on the built-in demo data (about 10 minutes on 2 CPU cores).
+demo:
+	$(PY) -m pip install . && cmn-train
+
+rust-check:
+	cargo fmt --all --check
+	cargo clippy --all-targets -- -D warnings
+	cargo test --quiet
+
+# Everything CI runs: install, Rust checks, the test suite, and each benchmark once (smoke).
+test: install rust-check
+	$(PY) -m pytest tests benches --benchmark-disable
+
+# Full CPU benchmarks (timed); see benches/RESULTS.md.
+bench:
+	$(PY) -m pytest benches --benchmark-enable --benchmark-group-by=group
+
+# One command for a lent GPU: the whole memory-query grid, written to benches/RESULTS-gpu.md.
+bench-gpu:
+	$(PY) benches/run_gpu_suite.py --output benches/RESULTS-gpu.md

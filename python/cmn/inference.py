@@ -1,0 +1,94 @@
+"""Reports from image files with a loaded checkpoint: single study, many studies, batched."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from cmn.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm.png"}
+PathLike = Union[str, Path]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def group_studies(inputs: Sequence[PathLike], num_views: int) -> list[tuple[str, tuple[Path, ...]]]:
+    """Turn command-line inputs into studies ``(id, view paths)``.
+
+    - image files are taken in order, ``num_views`` consecutive files per study;
+    - a folder holding image files is one study when ``num_views > 1`` (it must hold exactly
+      ``num_views`` images, taken in name order), or one study per image when ``num_views == 1``;
+    - a folder holding only sub-folders is one study per sub-folder (the R2Gen IU X-Ray layout).
+    """
+    studies: list[tuple[str, tuple[Path, ...]]] = []
+    pending: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            images = _images_in(p)
+            if images:
+                if num_views == 1:
+                    studies.extend((img.stem, (img,)) for img in images)
+                elif len(images) == num_views:
+                    studies.append((p.name, tuple(images)))
+                else:
+                    raise DataError(f"{p}: a study folder needs exactly {num_views} images for this model, "
+                                    f"found {len(images)}")
+            else:
+                subdirs = sorted(d for d in p.iterdir() if d.is_dir())
+                if not subdirs:
+                    raise DataError(f"{p}: folder has no images and no study sub-folders")
+                studies.extend(group_studies(subdirs, num_views))
+        elif p.is_file():
+            pending.append(p)
+            if len(pending) == num_views:
+                studies.append((pending[0].stem if num_views == 1 else pending[0].parent.name or pending[0].stem,
+                                tuple(pending)))
+                pending = []
+        else:
+            raise DataError(f"{p}: no such image file or folder")
+    if pending:
+        raise DataError(
+            f"this model reads {num_views} views per study, but {len(pending)} image file(s) are left over "
+            f"({', '.join(map(str, pending))}); give the views of each study together"
+        )
+    return studies
+
+
+@torch.no_grad()
+def generate_reports(
+    model: torch.nn.Module,
+    studies: Sequence[Sequence[PathLike]],
+    *,
+    beam_size: int = 3,
+    block_ngram: int = 3,
+    batch_size: int = 8,
+    device: Optional[torch.device] = None,
+    max_len: Optional[int] = None,
+) -> list[str]:
+    """One report per study; each study is a list of image paths (``num_views`` of them).
+
+    ``model`` comes from :func:`cmn.load_checkpoint` (it carries its tokenizer and image settings).
+    """
+    from cmn.data.images import build_transform, load_image
+
+    info = model.data_info
+    num_views, image_size = int(info["num_views"]), int(info["image_size"])
+    transform = build_transform(image_size, train=False)
+    device = device or next(model.parameters()).device
+    reports: list[str] = []
+    for start in range(0, len(studies), batch_size):
+        chunk = studies[start : start + batch_size]
+        batch = []
+        for views in chunk:
+            if len(views) != num_views:
+                raise DataError(f"study {list(map(str, views))}: this model reads {num_views} view(s), got {len(views)}")
+            batch.append(torch.stack([transform(load_image(v)) for v in views]))  # (V, 3, S, S)
+        images = torch.stack(batch).to(device)  # (B, V, 3, S, S)
+        seqs = model.generate(images, beam_size=beam_size, block_ngram=block_ngram, max_len=max_len)
+        reports.extend(model.tokenizer.decode(list(s)) for s in seqs)
+    return reports

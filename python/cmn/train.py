@@ -1,0 +1,421 @@
+"""The training run behind ``cmn-train``: data, vocabulary, model, loop, checkpoints, scores.
+
+Single process, or one process per GPU under ``torchrun`` (DistributedDataParallel; gloo on
+CPU, NCCL on CUDA). Rank 0 validates, writes checkpoints and logs; the others wait.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cmn.config import DataConfig, ModelConfig, TrainConfig
+from cmn.errors import CMNError, ConfigError
+
+DEMO_CACHE_ENV = "CMN_DEMO_DIR"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def select_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable CUDA request is a clear error."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available on this machine; use --device cpu")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        device = torch.device("cuda", index)
+    return device
+
+
+def init_distributed() -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def default_demo_dir() -> Path:
+    env = os.environ.get(DEMO_CACHE_ENV)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmn" / "demo-v1"
+
+
+def resolve_data_paths(data: DataConfig) -> tuple[Path, Path]:
+    """(annotation file, image folder), generating the demo data when needed."""
+    if data.dataset == "demo" and data.ann_path is None:
+        from cmn.data.demo import ensure_demo_data
+
+        n_train, n_val, n_test = data.demo_size
+        return ensure_demo_data(default_demo_dir(), n_train=n_train, n_val=n_val, n_test=n_test)
+    if data.ann_path is None or data.image_dir is None:
+        raise ConfigError(f"--dataset {data.dataset} needs --ann-path FILE and --image-dir DIR")
+    ann, img = Path(data.ann_path), Path(data.image_dir)
+    if not ann.is_file():
+        raise ConfigError(f"--ann-path {ann}: no such file")
+    if not img.is_dir():
+        raise ConfigError(f"--image-dir {img}: no such folder")
+    return ann, img
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output-dir {folder}: not writable ({e.strerror or e})") from None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def most_frequent_report(reports: list[str]) -> str:
+    """The baseline: always write the most frequent (cleaned) training report."""
+    counts = collections.Counter(reports)
+    return max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+class _Log:
+    def __init__(self, enabled: bool, quiet: bool):
+        self.enabled, self.quiet = enabled, quiet
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled and not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds between its phases."""
+
+    data: DataConfig
+    train: TrainConfig
+    model_cfg: ModelConfig
+    dist: DistInfo
+    device: torch.device
+    out_dir: Path
+    ann_path: Path
+    splits: dict
+    tokenizer: Any
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: DistributedSampler
+    train_loader: DataLoader
+    eval_loaders: dict
+    log: _Log
+    progress: bool
+    start_epoch: int = 1
+    best_score: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_val: dict = field(default_factory=dict)
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    @property
+    def last_dir(self) -> Path:
+        return self.out_dir / "last"
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        d = self.data
+        return {"dataset": d.dataset, "clean_rule": d.clean_rule, "image_size": d.image_size,
+                "num_views": d.num_views, "max_seq_length": d.max_seq_length, "threshold": d.threshold}
+
+    @property
+    def clinical(self) -> bool:
+        return self.data.dataset == "mimic_cxr"  # CE labels are defined for chest X-ray reports of MIMIC style
+
+    @property
+    def eval_kw(self) -> dict[str, Any]:
+        t = self.train
+        return dict(beam_size=t.beam_size, block_ngram=t.block_ngram, precision=t.precision,
+                    max_batches=t.eval_max_batches)
+
+
+def run_training(
+    data: DataConfig,
+    model_kwargs: dict[str, Any],
+    train: TrainConfig,
+    *,
+    progress: bool = True,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train, select on validation BLEU-4, test the best model; returns what metrics.json holds.
+
+    ``model_kwargs`` are :class:`ModelConfig` fields except ``vocab_size`` (known once the
+    vocabulary is built). With ``train.resume`` the run continues from
+    ``output_dir/last`` (weights, optimizer, scheduler, epoch, RNG states).
+    """
+    from cmn.metrics import NLGScorer
+
+    run = _prepare(data, model_kwargs, train, progress, _Log(True, quiet))
+    result: dict[str, Any] = {}
+    with NLGScorer() as scorer:  # one METEOR process for the whole run
+        epochs_run, seconds = _fit(run, scorer)
+        if run.dist.is_main:
+            result = _test(run, scorer, epochs_run, seconds)
+    if run.dist.world_size > 1:
+        dist.barrier()
+    return result
+
+
+def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig, progress: bool, log: _Log) -> _Run:
+    from cmn import checkpoint as ckpt
+    from cmn.data.annotation import drop_empty_reports, load_annotation
+    from cmn.data.cache import ImageCache
+    from cmn.data.dataset import ReportDataset, collate
+    from cmn.data.images import build_transform
+    from cmn.model import build_model
+    from cmn.text import Tokenizer, clean_report
+
+    dist_info = init_distributed()
+    log.enabled = dist_info.is_main
+    device = select_device(train.device, dist_info.local_rank)
+    out_dir = Path(train.output_dir)
+    if dist_info.is_main:
+        check_writable(out_dir)
+    last_dir = out_dir / "last"
+
+    # ---- data and vocabulary -------------------------------------------------------------
+    ann_path, image_dir = resolve_data_paths(data)
+    splits = load_annotation(ann_path)
+    rule = data.clean_rule
+    for name in ("train", "val", "test"):
+        kept, dropped = drop_empty_reports(splits[name], lambda r: clean_report(r, rule))
+        if dropped:
+            log(f"warning: {ann_path}: dropped {dropped} {name} studies with an empty report")
+        if not kept:
+            raise CMNError(f"{ann_path}: split {name!r} has no study with a non-empty report")
+        splits[name] = kept
+
+    trainer_state = None
+    if train.resume:
+        ckpt.resolve_bundle(last_dir)  # clear error when there is nothing to resume
+        saved = ckpt.read_config(last_dir)["model"]
+        tokenizer = ckpt.load_tokenizer(last_dir)
+        trainer_state = ckpt.load_trainer_state(last_dir)
+        model_cfg = ModelConfig.from_dict(saved)
+        requested = dict(model_kwargs, vocab_size=model_cfg.vocab_size)
+        differs = {k: (saved[k], v) for k, v in requested.items() if saved.get(k) != v and k != "memory_impl"}
+        if differs:
+            desc = ", ".join(f"{k}: {a!r} in the checkpoint vs {b!r} now" for k, (a, b) in sorted(differs.items()))
+            raise ConfigError(f"--resume: {last_dir} was trained with other model settings ({desc})")
+        model_cfg = replace(model_cfg, memory_impl=model_kwargs.get("memory_impl", model_cfg.memory_impl))
+    else:
+        tokenizer = Tokenizer.build([s.report for s in splits["train"]], data.threshold, rule)
+        model_cfg = ModelConfig(vocab_size=len(tokenizer), **model_kwargs)
+    log(f"data: {ann_path} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())}), vocabulary {len(tokenizer)} ids")
+
+    cache = ImageCache(data.image_cache) if data.image_cache else None
+
+    def dataset(split: str, is_train: bool) -> ReportDataset:
+        return ReportDataset(
+            splits[split], image_dir, data.num_views, build_transform(data.image_size, train=is_train),
+            encode=tokenizer.encode_batch, max_seq_length=data.max_seq_length, image_cache=cache, ann_path=ann_path,
+        )
+
+    if data.batch_size % dist_info.world_size:
+        raise ConfigError(f"--batch-size {data.batch_size} must be divisible by the {dist_info.world_size} processes")
+    train_set = dataset("train", True)
+    # The same sampler single-process (one replica) and distributed, so a run's data order
+    # depends on the seed and the global batch only.
+    sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                 shuffle=True, seed=train.seed, drop_last=False)
+    loader_kw = dict(num_workers=data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                     persistent_workers=data.num_workers > 0)
+    train_loader = DataLoader(train_set, batch_size=data.batch_size // dist_info.world_size, sampler=sampler,
+                              **loader_kw)
+    eval_loaders = {}
+    if dist_info.is_main:
+        for split in ("val", "test"):
+            eval_loaders[split] = DataLoader(dataset(split, False), batch_size=data.batch_size, shuffle=False,
+                                             **loader_kw)
+
+    # ---- model and optimisation ---------------------------------------------------------
+    seed_everything(train.seed)
+    model = build_model(model_cfg)
+    if trainer_state is None:
+        log(model.visual.load_pretrained(train.visual_weights))
+    model.to(device)
+    ve_params = list(model.visual.parameters())
+    ve_ids = {id(p) for p in ve_params}
+    ed_params = [p for p in model.parameters() if id(p) not in ve_ids]
+    optimizer = torch.optim.Adam(
+        [{"params": ve_params, "lr": train.lr_ve}, {"params": ed_params, "lr": train.lr_ed}],
+        betas=train.adam_betas, eps=train.adam_eps, weight_decay=train.weight_decay, amsgrad=train.amsgrad,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, train.step_size, train.gamma)
+    net: torch.nn.Module = model
+    if dist_info.world_size > 1:
+        if train.sync_bn and device.type == "cuda" and not train.freeze_bn:
+            model.visual = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.visual)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = _Run(data, train, model_cfg, dist_info, device, out_dir, ann_path, splits, tokenizer, model, net,
+               optimizer, scheduler, sampler, train_loader, eval_loaders, log, progress)
+    if trainer_state is not None:
+        ckpt.load_state_into(model, last_dir)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        run.start_epoch = trainer_state["epoch"] + 1
+        run.best_score, run.best_epoch = trainer_state["best_score"], trainer_state["best_epoch"]
+        run.bad_epochs, run.best_val = trainer_state["bad_epochs"], trainer_state["best_val"]
+        set_rng_state(trainer_state["rng"])
+        log(f"resuming from {last_dir} at epoch {run.start_epoch}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {model_cfg.variant} ({n_params / 1e6:.1f}M parameters, {model_cfg.visual_extractor}, "
+        f"memory {model_cfg.memory_size}x{model_cfg.d_model} top-{model_cfg.topk}) on {device}")
+    return run
+
+
+def _fit(run: _Run, scorer) -> tuple[int, float]:
+    """The epoch loop; returns (last epoch run, seconds)."""
+    from cmn import checkpoint as ckpt
+    from cmn.engine import generate_split, score, train_one_epoch
+
+    train, log = run.train, run.log
+    t_start = time.perf_counter()
+    epoch = run.start_epoch - 1
+    for epoch in range(run.start_epoch, train.epochs + 1):
+        run.sampler.set_epoch(epoch)
+        bar = _bar(len(run.train_loader), f"epoch {epoch}/{train.epochs}", run.progress and run.dist.is_main)
+        stats = train_one_epoch(run.net, run.train_loader, run.optimizer, run.device, precision=train.precision,
+                                world_size=run.dist.world_size, progress=bar, freeze_bn=train.freeze_bn)
+        if bar is not None:
+            bar.close()
+        run.scheduler.step()
+        stop = False
+        if run.dist.is_main:
+            refs, preds = generate_split(run.model, run.eval_loaders["val"], run.tokenizer, run.device, **run.eval_kw)
+            val = score(refs, preds, clinical=run.clinical, scorer=scorer)
+            if val.get("BLEU_4", 0.0) > run.best_score:
+                run.best_score, run.best_epoch, run.bad_epochs, run.best_val = val.get("BLEU_4", 0.0), epoch, 0, val
+                ckpt.save_checkpoint(run.best_dir, run.model, run.tokenizer, run.data_info,
+                                     meta={"epoch": epoch, "val": val})
+            else:
+                run.bad_epochs += 1
+            stop = run.bad_epochs >= train.early_stop
+            state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                     "epoch": epoch, "best_score": run.best_score, "best_epoch": run.best_epoch,
+                     "bad_epochs": run.bad_epochs, "best_val": run.best_val, "rng": rng_state()}
+            ckpt.save_checkpoint(run.last_dir, run.model, run.tokenizer, run.data_info,
+                                 meta={"epoch": epoch, "val": val}, trainer_state=state)
+            groups = run.optimizer.param_groups
+            record = {"epoch": epoch, **stats, "lr_ve": groups[0]["lr"], "lr_ed": groups[1]["lr"],
+                      **{f"val_{k}": v for k, v in val.items()}, "best_epoch": run.best_epoch}
+            with open(run.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            log(f"epoch {epoch}: loss {stats['train_loss']:.3f}, {stats['train_tokens_per_s']:.0f} tokens/s, "
+                f"val BLEU-4 {val.get('BLEU_4', 0):.4f} (best {run.best_score:.4f} at epoch {run.best_epoch})")
+        if run.dist.world_size > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=run.device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            log(f"early stop: no validation BLEU-4 improvement for {train.early_stop} epochs")
+            break
+    return epoch, time.perf_counter() - t_start
+
+
+def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str, Any]:
+    """Test the best checkpoint and the most-frequent-report baseline; write metrics.json."""
+    from cmn import checkpoint as ckpt
+    from cmn.engine import generate_split, score
+    from cmn.text import clean_report
+
+    ckpt.load_state_into(run.model, run.best_dir)
+    refs, preds = generate_split(run.model, run.eval_loaders["test"], run.tokenizer, run.device, **run.eval_kw)
+    test = score(refs, preds, clinical=run.clinical, scorer=scorer)
+    baseline_text = most_frequent_report([clean_report(s.report, run.data.clean_rule) for s in run.splits["train"]])
+    # the baseline goes through the same vocabulary mapping as the model's output
+    baseline_text = run.tokenizer.decode(run.tokenizer.encode(baseline_text)[1:])
+    baseline = score(refs, {k: baseline_text for k in refs}, clinical=run.clinical, scorer=scorer)
+    result = {
+        "val": run.best_val, "test": test, "baseline_test": baseline, "best_epoch": run.best_epoch,
+        "epochs_run": epochs_run, "train_seconds": round(train_seconds, 1),
+        "data": {**run.data_info, "ann_path": str(run.ann_path), "sizes": {k: len(v) for k, v in run.splits.items()}},
+        "model": asdict(run.model_cfg), "train": asdict(run.train),
+    }
+    write_json_atomic(run.out_dir / "metrics.json", result)
+    with open(run.out_dir / "test_predictions.jsonl", "w", encoding="utf-8") as f:
+        for k in refs:
+            f.write(json.dumps({"id": k, "prediction": preds[k], "reference": refs[k]}) + "\n")
+    run.log(f"test BLEU-4 {test.get('BLEU_4', 0):.4f} (most-frequent-report baseline "
+            f"{baseline.get('BLEU_4', 0):.4f}); wrote {run.out_dir / 'metrics.json'}")
+    return result
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)

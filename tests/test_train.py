@@ -1,0 +1,123 @@
+"""Training: overfitting two studies, a full tiny run, and exact resumption."""
+import json
+
+import pytest
+import torch
+
+from cmn.config import DataConfig, TrainConfig
+from cmn.engine import masked_nll
+from cmn.model import build_model
+from cmn.text import Tokenizer
+from test_model import tiny_cfg
+
+TINY_MODEL = dict(variant="cmn", visual_extractor="resnet18", d_model=32, d_ff=32, num_heads=4, num_layers=1,
+                  memory_size=32, topk=4, dropout=0.1, drop_prob_lm=0.1, num_views=2, max_seq_length=60)
+
+
+def tiny_run(tmp_path, out, **train_kw):
+    data = DataConfig(dataset="demo", image_size=64, batch_size=4, num_workers=0, demo_size=(8, 4, 4))
+    kw = dict(epochs=2, seed=3, output_dir=str(tmp_path / out), visual_weights=None, beam_size=2,
+              lr_ve=1e-3, lr_ed=1e-3, step_size=1, gamma=0.5)
+    kw.update(train_kw)
+    return data, dict(TINY_MODEL), TrainConfig(**kw)
+
+
+@pytest.fixture(autouse=True)
+def demo_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CMN_DEMO_DIR", str(tmp_path_factory.getbasetemp() / "demo"))
+
+
+def test_tiny_model_overfits_two_studies():
+    reports = ["the heart is enlarged . there is a left pleural effusion .",
+               "the lungs are clear . no pneumothorax ."]
+    tok = Tokenizer.build(reports, 1, "iu_xray")
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(vocab_size=len(tok), dropout=0.0, drop_prob_lm=0.0, max_seq_length=20))
+    images = torch.randn(2, 2, 3, 64, 64)
+    targets = torch.from_numpy(tok.encode_batch(reports, 20))  # (2, 20)
+    masks = (targets > 0).float()
+    masks[:, 0] = 1
+    lengths = [len(tok.encode(r)) for r in reports]
+    for i, n in enumerate(lengths):
+        masks[i, :n] = 1  # EOS counts as a target
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    expected = [tok.decode(tok.encode(r)[1:]) for r in reports]
+    assert all(expected)
+    for step in range(1, 301):
+        loss = masked_nll(model(images, targets), targets, masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            greedy = [tok.decode(s) for s in model.generate(images, beam_size=1, block_ngram=0)]
+            beam = [tok.decode(s) for s in model.generate(images, beam_size=3, block_ngram=0)]
+            if greedy == expected and beam == expected:
+                break
+    assert greedy == expected
+    assert beam == expected
+
+
+def test_tiny_training_run_writes_metrics_and_checkpoints(tmp_path):
+    from cmn.checkpoint import load_checkpoint
+    from cmn.train import run_training
+
+    result = run_training(*tiny_run(tmp_path, "run"), progress=False, quiet=True)
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for section in ("val", "test", "baseline_test"):
+        assert set(metrics[section]) >= {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L"}
+    assert metrics["test"] == result["test"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert log[1]["lr_ed"] == pytest.approx(1e-3 * 0.25)  # StepLR every epoch, gamma 0.5
+    model = load_checkpoint(out / "checkpoint")
+    assert model.meta["epoch"] == metrics["best_epoch"]
+    preds = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 and all(p["reference"] for p in preds)
+
+
+def test_resume_continues_exactly(tmp_path):
+    from cmn.checkpoint import load_trainer_state
+    from cmn.train import run_training
+    from safetensors.torch import load_file
+
+    run_training(*tiny_run(tmp_path, "straight", epochs=3), progress=False, quiet=True)
+    run_training(*tiny_run(tmp_path, "resumed", epochs=1), progress=False, quiet=True)
+    run_training(*tiny_run(tmp_path, "resumed", epochs=3, resume=True), progress=False, quiet=True)
+    a, b = tmp_path / "straight" / "last", tmp_path / "resumed" / "last"
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sa, sb = load_trainer_state(a), load_trainer_state(b)
+    assert sa["epoch"] == sb["epoch"] == 3
+    assert sa["scheduler"] == sb["scheduler"]
+    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
+        for name in va:
+            assert torch.equal(va[name], vb[name]), (ka, name)
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    la = (tmp_path / "straight" / "log.jsonl").read_text().splitlines()
+    lb = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+
+    def losses(lines):
+        return [json.loads(x)["train_loss"] for x in lines]
+
+    assert losses(la) == losses(lb)
+
+
+def test_resume_with_other_model_is_refused(tmp_path):
+    from cmn.errors import ConfigError
+    from cmn.train import run_training
+
+    run_training(*tiny_run(tmp_path, "r", epochs=1), progress=False, quiet=True)
+    data, model_kw, train = tiny_run(tmp_path, "r", epochs=2, resume=True)
+    model_kw["variant"] = "base"
+    with pytest.raises(ConfigError, match="variant: 'cmn' in the checkpoint vs 'base' now"):
+        run_training(data, model_kw, train, progress=False, quiet=True)
+
+
+def test_bf16_trains(tmp_path):
+    from cmn.train import run_training
+
+    result = run_training(*tiny_run(tmp_path, "bf16", epochs=1, precision="bf16"), progress=False, quiet=True)
+    assert result["epochs_run"] == 1
