@@ -28,7 +28,7 @@ def test_two_gloo_ranks_match_single_process_steps(tmp_path):
     b = torch.load(double, weights_only=False)
     assert a["stats"]["train_batches"] == b["stats"]["train_batches"] == 2
     for k in a["state"]:
-        torch.testing.assert_close(a["state"][k], b["state"][k], atol=2e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(a["state"][k], b["state"][k], atol=1e-6, rtol=1e-5, msg=k)
     # the same tokens were trained on: the global mean loss matches
     assert abs(a["stats"]["train_loss"] - b["stats"]["train_loss"]) < 1e-5
 
