@@ -114,7 +114,7 @@ def generate_split(
     device: torch.device,
     *,
     beam_size: int = 3,
-    block_ngram: int = 3,
+    block_ngram: int = 0,
     precision: str = "fp32",
     max_batches: Optional[int] = None,
     progress: Optional[Any] = None,

@@ -65,7 +65,7 @@ def generate_reports(
     studies: Sequence[Sequence[PathLike]],
     *,
     beam_size: int = 3,
-    block_ngram: int = 3,
+    block_ngram: int = 0,
     batch_size: int = 8,
     device: Optional[torch.device] = None,
     max_len: Optional[int] = None,

@@ -140,7 +140,7 @@ class CMN(nn.Module):
         images: torch.Tensor,
         beam_size: int = 3,
         max_len: Optional[int] = None,
-        block_ngram: int = 3,
+        block_ngram: int = 0,
         length_penalty: float = 0.0,
     ) -> list[list[int]]:
         """images (B, V, 3, S, S) -> one token-id list per study (no BOS/EOS), beam search
