@@ -26,6 +26,7 @@ SIZES_NAME = "full" if os.environ.get("CMN_BENCH_FULL") == "1" else "smoke"
 SIZES = e2e_cases.SIZES[SIZES_NAME]
 ROUNDS = 3 if SIZES_NAME == "full" else 1
 CASES = [("train_full", "naive", "fp32"), ("train_full", "default", "fp32"), ("train_full", "default", "bf16"),
+         ("train_full", "checkpointed", "fp32"),
          ("train_encdec", "naive", "fp32"), ("train_encdec", "default", "fp32"), ("train_encdec", "default", "bf16"),
          ("generate", "naive", "fp32"), ("generate", "default", "fp32")]
 

@@ -49,7 +49,7 @@ from cmn.engine import autocast, masked_nll
 from cmn.model.cmn import CMN, build_model
 
 SCENARIOS = ("train_full", "train_encdec", "generate")
-CONFIGS = ("naive", "default")
+CONFIGS = ("naive", "default", "checkpointed")  # checkpointed: default + --checkpoint-visual
 BLOCK_NGRAM = 3  # the reference's IU X-Ray runs block repeated trigrams
 
 
@@ -111,6 +111,8 @@ def build(sizes: Sizes, config: str, scenario: str, device: torch.device, seed: 
     model = model.to(device)
     if config == "naive":
         project_memory_per_sequence(model, sizes.gen_batch if scenario == "generate" else sizes.batch)
+    if config == "checkpointed" and scenario == "train_full":
+        model.visual.grad_checkpoint = True
     return model
 
 

@@ -35,6 +35,8 @@ def cases(device):
         out += [(scenario, "naive", "fp32"), (scenario, "default", "fp32")]
         if scenario != "generate" or device == "cuda":
             out.append((scenario, "default", "bf16"))
+        if scenario == "train_full":
+            out.append((scenario, "checkpointed", "fp32"))
     return out
 
 
@@ -72,11 +74,13 @@ def summary_table(results, device, full):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scenario in e2e_cases.SCENARIOS:
         naive = results.get((scenario, "naive", "fp32"))
-        for precision in ("fp32", "bf16"):
-            if (scenario, "default", precision) not in results:
+        for config, precision in (("default", "fp32"), ("default", "bf16"), ("checkpointed", "fp32")):
+            if (scenario, config, precision) not in results:
                 continue
-            default = results[(scenario, "default", precision)]
-            title = SCENARIO_TITLES[scenario] + ("" if precision == "fp32" else ", default under bf16 autocast")
+            default = results[(scenario, config, precision)]
+            title = SCENARIO_TITLES[scenario] + {
+                ("default", "fp32"): "", ("default", "bf16"): ", default under bf16 autocast",
+                ("checkpointed", "fp32"): ", default with --checkpoint-visual"}[(config, precision)]
             if naive is None or default is None:
                 lines.append(f"| {title} | {fmt_time(naive)} | {fmt_time(default)} | - | {fmt_mb(naive)} | "
                              f"{fmt_mb(default)} | - | failed, see notes |")
@@ -84,7 +88,7 @@ def summary_table(results, device, full):
             speedup = per_unit(naive) / per_unit(default)
             ratio = default["peak_bytes"] / naive["peak_bytes"]
             note = "extra"
-            if precision == "fp32":
+            if (config, precision) == ("default", "fp32"):
                 note = target_note(scenario, speedup, ratio) if device == "cpu" and full else "n/a (quick sizes or GPU)"
             lines.append(f"| {title} | {fmt_time(naive)} | {fmt_time(default)} | {speedup:.1f}x | {fmt_mb(naive)} | "
                          f"{fmt_mb(default)} | {ratio:.2f} | {note} |")
@@ -156,7 +160,7 @@ def main(argv=None):
     ]
     lines += summary_table(results, args.device, full=not args.quick)
     lines += ["", "All cases:", ""] + detail_table(results)
-    gen = [results.get(("generate", c, "fp32")) for c in e2e_cases.CONFIGS]
+    gen = [results.get(("generate", c, "fp32")) for c in ("naive", "default")]
     if all(gen):
         same = gen[0]["digest"] == gen[1]["digest"]
         lines += ["", f"Generation outputs of naive and default {'identical' if same else 'DIFFER'} "

@@ -90,3 +90,18 @@ def test_bad_weight_files(tmp_path, resnet18_state):
         warnings.simplefilter("ignore")
         with pytest.raises(CheckpointError, match="does not match resnet50"):
             VisualExtractor("resnet50").load_pretrained(str(r50))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = VisualExtractor("resnet18").train()
+    b = VisualExtractor("resnet18").train()
+    b.load_state_dict(a.state_dict())
+    b.grad_checkpoint = True
+    x = torch.randn(2, 2, 3, 64, 64)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -44,7 +44,7 @@ _DATA_FLAGS = ["ann_path", "image_dir", "image_size", "max_seq_length", "thresho
                "num_workers", "image_cache", "demo_size"]
 _TRAIN_FLAGS = ["epochs", "lr_ve", "lr_ed", "weight_decay", "step_size", "gamma", "seed", "early_stop",
                 "beam_size", "block_ngram", "precision", "device", "output_dir", "resume", "visual_weights",
-                "eval_max_batches", "freeze_bn", "sync_bn"]
+                "eval_max_batches", "freeze_bn", "sync_bn", "checkpoint_visual"]
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -93,6 +93,8 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=PRECISIONS)
     t.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
     t.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT_DIR/last")
+    t.add_argument("--checkpoint-visual", action="store_true", default=None,
+                   help="recompute the CNN's activations in the backward: much less memory, ~1/3 more CNN time")
     t.add_argument("--freeze-bn", action="store_true", default=None,
                    help="keep the CNN's BatchNorm on running statistics (small per-GPU batches)")
     t.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,

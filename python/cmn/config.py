@@ -120,6 +120,7 @@ class TrainConfig:
     output_dir: str = "runs/cmn"
     resume: bool = False
     visual_weights: Optional[str] = "imagenet"  # imagenet | PATH to a state dict | None (random init)
+    checkpoint_visual: bool = False  # recompute the CNN's block activations in the backward (less memory)
     freeze_bn: bool = False  # BatchNorm on running statistics (small per-GPU batches, exact DDP equivalence)
     sync_bn: bool = True  # under torchrun on CUDA, SyncBatchNorm so batch statistics span all ranks
     eval_max_batches: Optional[int] = None  # cap validation/test batches (smoke tests)

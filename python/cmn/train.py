@@ -301,6 +301,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     # ---- model and optimisation ---------------------------------------------------------
     seed_everything(train.seed)
     model = build_model(model_cfg)
+    model.visual.grad_checkpoint = train.checkpoint_visual
     if trainer_state is None:
         log(model.visual.load_pretrained(train.visual_weights))
     model.to(device)

@@ -36,10 +36,25 @@ class VisualExtractor(nn.Module):
         self.trunk = nn.Sequential(*list(resnet.children())[:-2])
         self.name = name
         self.out_channels = VISUAL_EXTRACTORS[name]
+        # Activation checkpointing of the residual blocks: their activations are recomputed in
+        # the backward instead of kept (the CNN holds most of a training step's memory).
+        self.grad_checkpoint = False
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpoint and torch.is_grad_enabled() and self.training):
+            return self.trunk(x)
+        from torch.utils.checkpoint import checkpoint
+
+        stem, stages = self.trunk[:4], self.trunk[4:]
+        x = stem(x)
+        for stage in stages:
+            for block in stage:
+                x = checkpoint(block, x, use_reentrant=False)
+        return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         B, V = images.shape[:2]
-        fmap = self.trunk(images.flatten(0, 1))  # (B*V, C, h, w)
+        fmap = self._trunk(images.flatten(0, 1))  # (B*V, C, h, w)
         patches = fmap.flatten(2).transpose(1, 2)  # (B*V, P, C)
         return patches.reshape(B, V * patches.shape[1], patches.shape[2])  # (B, V*P, C)
 
