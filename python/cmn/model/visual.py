@@ -6,6 +6,7 @@ a local file, torchvision's cache/download, or random init with a warning, never
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Optional
@@ -22,6 +23,26 @@ _TORCHVISION_WEIGHTS = {
     "resnet50": "ResNet50_Weights",
     "resnet18": "ResNet18_Weights",
 }
+
+
+def _bn_stats_once(block: nn.Module):
+    """Checkpoint contexts for ``block``: the recomputation in the backward runs BatchNorm
+    with momentum 0, so running statistics are updated once per step, as without checkpointing."""
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @contextlib.contextmanager
+    def recompute():
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+        for m in norms:
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, (momentum, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(tracked)
+
+    return lambda: (contextlib.nullcontext(), recompute())
 
 
 class VisualExtractor(nn.Module):
@@ -49,7 +70,7 @@ class VisualExtractor(nn.Module):
         x = stem(x)
         for stage in stages:
             for block in stage:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, context_fn=_bn_stats_once(block))
         return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
