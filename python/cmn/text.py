@@ -43,6 +43,11 @@ def _data_errors(fn):
     return wrapped
 
 
+def _as_list(items: Iterable[Text]) -> list:
+    # The native side holds its own references to the items, so a list is passed as is.
+    return items if type(items) is list else list(items)
+
+
 @_data_errors
 def clean_report(text: Text, dataset: str) -> str:
     """One report cleaned with the rules of ``dataset`` ("iu_xray" or "mimic_cxr")."""
@@ -52,7 +57,7 @@ def clean_report(text: Text, dataset: str) -> str:
 @_data_errors
 def clean_reports(texts: Iterable[Text], dataset: str) -> list[str]:
     """:func:`clean_report` of each text, in parallel and without the GIL."""
-    return _native.clean_reports(list(texts), dataset)
+    return _native.clean_reports(_as_list(texts), dataset)
 
 
 def _as_ids(ids) -> list[int]:
@@ -84,7 +89,7 @@ class Tokenizer:
     def build(cls, reports: Iterable[Text], threshold: int, dataset: str) -> "Tokenizer":
         """Vocabulary of the RAW training ``reports`` (cleaned here): tokens seen at least
         ``threshold`` times, plus ``<unk>``."""
-        return cls(_native.Tokenizer.build(list(reports), int(threshold), dataset))
+        return cls(_native.Tokenizer.build(_as_list(reports), int(threshold), dataset))
 
     @classmethod
     @_data_errors
@@ -141,7 +146,7 @@ class Tokenizer:
         """int64 ``(n, max_len)``: row i is ``encode(reports[i])[:max_len]`` then 0-padded."""
         if max_len < 0:
             raise ValueError(f"max_len must be >= 0, got {max_len}")
-        return self._core.encode_batch(list(reports), int(max_len))
+        return self._core.encode_batch(_as_list(reports), int(max_len))
 
     @_data_errors
     def decode(self, ids) -> str:

@@ -148,17 +148,12 @@ fn is_py_space_byte(b: u8) -> bool {
     matches!(b, b'\t'..=b'\r' | 0x1c..=b' ')
 }
 
-/// `(pattern, replacement, passes)`: the reference applies some substitutions
-/// several times in a row (each pass is one `str.replace`).
+/// `(pattern, replacement, passes)`: one `str.replace` per pass.
 type Rule = (&'static str, &'static str, usize);
 
-const IU_RULES: &[Rule] = &[("..", ".", 3)];
-const MIMIC_RULES: &[Rule] = &[
-    ("\n", " ", 1),
-    ("__", "_", 7),
-    ("  ", " ", 6),
-    ("..", ".", 8),
-];
+/// The numbered-list rules, applied after the dataset's substitutions. Every pattern
+/// holds a digit `1..=5` followed by `". "`, and no replacement creates a digit, so
+/// text without such a digit before a dot is left alone by all of them.
 const LIST_RULES: &[Rule] = &[
     ("1. ", "", 1),
     (". 2. ", ". ", 1),
@@ -171,9 +166,89 @@ const LIST_RULES: &[Rule] = &[
     (" 5. ", ". ", 1),
 ];
 
+/// The dataset substitutions, as run collapses. The reference replaces a doubled
+/// character by a single one, pass after pass (iu_xray: `..` 3 times; mimic_cxr:
+/// `\n` -> space once, then `__` 7 times, `  ` 6 times, `..` 8 times). One pass turns
+/// a run of `k` equal characters into `ceil(k / 2)` and never empties a run, so runs
+/// of different characters never merge: `p` passes leave `ceil(k / 2^p)`, and all
+/// rules can be done in one left-to-right sweep.
+struct Collapse {
+    /// Per byte: `log2` of the shrink factor of its runs, 0 for a byte copied as is.
+    shift: [u8; 256],
+    newline_is_space: bool,
+}
+
+const fn collapse(newline_is_space: bool, space: u8, underscore: u8, dot: u8) -> Collapse {
+    let mut shift = [0u8; 256];
+    shift[b' ' as usize] = space;
+    if newline_is_space {
+        shift[b'\n' as usize] = space;
+    }
+    shift[b'_' as usize] = underscore;
+    shift[b'.' as usize] = dot;
+    Collapse {
+        shift,
+        newline_is_space,
+    }
+}
+
+static IU_COLLAPSE: Collapse = collapse(false, 0, 0, 3);
+static MIMIC_COLLAPSE: Collapse = collapse(true, 6, 7, 8);
+
+impl Collapse {
+    fn of(dataset: Dataset) -> &'static Collapse {
+        match dataset {
+            Dataset::IuXray => &IU_COLLAPSE,
+            Dataset::MimicCxr => &MIMIC_COLLAPSE,
+        }
+    }
+
+    /// Writes the collapsed `text` to `out`; returns whether a numbered-list rule may
+    /// match (a digit `1..=5` right before a dot).
+    fn apply(&self, text: &[u8], out: &mut Vec<u8>) -> bool {
+        out.clear();
+        out.reserve(text.len());
+        let norm = |b: u8| {
+            if b == b'\n' && self.newline_is_space {
+                b' '
+            } else {
+                b
+            }
+        };
+        let mut maybe_list = false;
+        let mut i = 0;
+        loop {
+            let plain = text[i..]
+                .iter()
+                .position(|&b| self.shift[b as usize] != 0)
+                .unwrap_or(text.len() - i);
+            out.extend_from_slice(&text[i..i + plain]);
+            i += plain;
+            let Some(&b) = text.get(i) else {
+                return maybe_list;
+            };
+            let c = norm(b);
+            if c == b'.' {
+                maybe_list |= matches!(out.last(), Some(b'1'..=b'5'));
+            }
+            let run = 1 + text[i + 1..]
+                .iter()
+                .take_while(|&&next| norm(next) == c)
+                .count();
+            if run == 1 {
+                out.push(c);
+            } else {
+                let kept = run.div_ceil(1 << self.shift[b as usize]);
+                out.resize(out.len() + kept, c);
+            }
+            i += run;
+        }
+    }
+}
+
 /// `str.replace(from, to)` done in place on UTF-8 bytes. Every pattern is ASCII and
-/// never longer than its replacement is short, so the text only shrinks and stays
-/// valid UTF-8; matches are found left to right without overlap, as in Python.
+/// never shorter than its replacement, so the text only shrinks and stays valid
+/// UTF-8; matches are found left to right without overlap, as in Python.
 fn replace_in_place(buf: &mut Vec<u8>, finder: &Finder<'static>, to: &str) -> bool {
     let (from, to) = (finder.needle().len(), to.as_bytes());
     debug_assert!(to.len() <= from);
@@ -210,8 +285,8 @@ struct Compiled {
     passes: usize,
 }
 
-fn compile(rules: &'static [Rule]) -> Vec<Compiled> {
-    rules
+static LISTS: LazyLock<Vec<Compiled>> = LazyLock::new(|| {
+    LIST_RULES
         .iter()
         .map(|&(from, to, passes)| Compiled {
             finder: Finder::new(from),
@@ -219,12 +294,7 @@ fn compile(rules: &'static [Rule]) -> Vec<Compiled> {
             passes,
         })
         .collect()
-}
-
-static IU: LazyLock<Vec<Compiled>> = LazyLock::new(|| compile(IU_RULES));
-static MIMIC: LazyLock<Vec<Compiled>> = LazyLock::new(|| compile(MIMIC_RULES));
-static LISTS: LazyLock<Vec<Compiled>> = LazyLock::new(|| compile(LIST_RULES));
-static SENTENCE_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(". "));
+});
 
 fn apply_rules(buf: &mut Vec<u8>, rules: &[Compiled]) {
     for rule in rules {
@@ -237,42 +307,42 @@ fn apply_rules(buf: &mut Vec<u8>, rules: &[Compiled]) {
     }
 }
 
-/// Whole-report stage: dataset-specific substitutions, the numbered-list rules,
-/// then `strip().lower()`.
-fn report_stage(text: &str, dataset: Dataset) -> String {
-    let mut buf = text.as_bytes().to_vec();
-    apply_rules(
-        &mut buf,
-        match dataset {
-            Dataset::IuXray => &IU,
-            Dataset::MimicCxr => &MIMIC,
-        },
-    );
-    apply_rules(&mut buf, &LISTS);
-    let text = String::from_utf8(buf).expect("ASCII substitutions keep UTF-8 valid");
-    py_lower(py_strip(&text))
+/// Whole-report stage up to (not including) `strip().lower()`: dataset-specific
+/// substitutions, then the numbered-list rules; the result goes to `buf`.
+fn substitute(text: &str, dataset: Dataset, buf: &mut Vec<u8>) {
+    if Collapse::of(dataset).apply(text.as_bytes(), buf) {
+        apply_rules(buf, &LISTS);
+    }
+}
+
+/// Sentence stage of ASCII text: drop quotes and slashes, strip, lower, delete the
+/// punctuation class.
+fn ascii_sentence_stage(bytes: &[u8], out: &mut Vec<u8>) {
+    // Quotes go first, so `strip` sees through them: skip both at the ends.
+    let kept = |b: &u8| !matches!(*b, b'"' | b'/' | b'\\' | b'\'') && !is_py_space_byte(*b);
+    let Some(start) = bytes.iter().position(kept) else {
+        return;
+    };
+    let end = bytes.iter().rposition(kept).unwrap_or(start);
+    let sentence = &bytes[start..=end];
+    // Branch-free: every byte is written, only kept ones advance the cursor.
+    let mut len = out.len();
+    out.resize(len + sentence.len(), 0);
+    for &b in sentence {
+        let keep = ASCII_KEEP[b as usize];
+        out[len] = keep;
+        len += usize::from(keep != DROP);
+    }
+    out.truncate(len);
 }
 
 /// Sentence stage: drop quotes and slashes, strip, lower, delete the punctuation class.
 fn sentence_stage(sentence: &str, out: &mut Vec<u8>) {
-    let is_quote = |c: char| matches!(c, '"' | '/' | '\\' | '\'');
     if sentence.is_ascii() {
-        // Quotes go first, so `strip` sees through them: skip both at the ends.
-        let bytes = sentence.as_bytes();
-        let kept = |b: &u8| !is_quote(*b as char) && !is_py_space_byte(*b);
-        let Some(start) = bytes.iter().position(kept) else {
-            return;
-        };
-        let end = bytes.iter().rposition(kept).unwrap_or(start);
-        out.reserve(end + 1 - start);
-        for &b in &bytes[start..=end] {
-            let keep = ASCII_KEEP[b as usize];
-            if keep != DROP {
-                out.push(keep);
-            }
-        }
+        ascii_sentence_stage(sentence.as_bytes(), out);
         return;
     }
+    let is_quote = |c: char| matches!(c, '"' | '/' | '\\' | '\'');
     let unquoted: String = sentence.chars().filter(|&c| !is_quote(c)).collect();
     let lowered = py_lower(py_strip(&unquoted));
     let mut utf8 = [0u8; 4];
@@ -281,27 +351,111 @@ fn sentence_stage(sentence: &str, out: &mut Vec<u8>) {
     }
 }
 
-/// Cleans one report exactly like the reference code for `dataset`.
-pub fn clean_report(text: &str, dataset: Dataset) -> String {
-    let report = report_stage(text, dataset);
-    let mut out = Vec::with_capacity(report.len() + 4);
-    let splitter = &*SENTENCE_END;
-    let mut rest = report.as_str();
-    loop {
-        match splitter.find(rest.as_bytes()) {
-            Some(at) => {
-                sentence_stage(&rest[..at], &mut out);
-                out.extend_from_slice(b" . ");
-                rest = &rest[at + 2..];
-            }
-            None => {
-                sentence_stage(rest, &mut out);
-                break;
-            }
-        }
+/// Reusable buffers for [`clean_report_into`], one per thread.
+#[derive(Default)]
+pub struct Scratch {
+    substituted: Vec<u8>,
+    cleaned: Vec<u8>,
+}
+
+/// Cleans one report exactly like the reference code for `dataset`, into `scratch`;
+/// returns the cleaned text and whether it is ASCII.
+pub fn clean_report_into<'s>(
+    text: &str,
+    dataset: Dataset,
+    scratch: &'s mut Scratch,
+) -> (&'s str, bool) {
+    let Scratch {
+        substituted,
+        cleaned: out,
+    } = scratch;
+    substitute(text, dataset, substituted);
+    out.clear();
+    out.reserve(substituted.len() + 4);
+    let ascii = text.is_ascii();
+    if ascii {
+        // Lower-casing ASCII moves no `". "`, so the sentence stage lowers instead.
+        let report = trim_py_space_bytes(substituted);
+        for_each_sentence(report, out, ascii_sentence_stage);
+    } else {
+        let report =
+            std::str::from_utf8(substituted).expect("ASCII substitutions keep UTF-8 valid");
+        let report = py_lower(py_strip(report));
+        for_each_sentence(report.as_bytes(), out, |sentence, out| {
+            // Cut at ASCII bytes, so still whole characters.
+            sentence_stage(
+                std::str::from_utf8(sentence).expect("whole characters"),
+                out,
+            )
+        });
     }
     out.extend_from_slice(b" .");
-    String::from_utf8(out).expect("only whole characters are copied")
+    let cleaned = std::str::from_utf8(out).expect("only whole characters are copied");
+    (cleaned, ascii)
+}
+
+/// Runs `stage` on each sentence of `report` (split at `". "`, like `str.split`),
+/// writing `" . "` between their outputs.
+fn for_each_sentence(report: &[u8], out: &mut Vec<u8>, stage: impl Fn(&[u8], &mut Vec<u8>)) {
+    let mut rest = report;
+    while let Some(at) = find_sentence_end(rest) {
+        stage(&rest[..at], out);
+        out.extend_from_slice(b" . ");
+        rest = &rest[at + 2..];
+    }
+    stage(rest, out);
+}
+
+/// Python's `str.strip()` on ASCII bytes.
+fn trim_py_space_bytes(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|&b| !is_py_space_byte(b));
+    let Some(start) = start else {
+        return &[];
+    };
+    let end = bytes
+        .iter()
+        .rposition(|&b| !is_py_space_byte(b))
+        .unwrap_or(start);
+    &bytes[start..=end]
+}
+
+/// Offset of the first `". "` in `bytes`.
+fn find_sentence_end(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(dot) = memchr::memchr(b'.', &bytes[from..]) {
+        let at = from + dot;
+        if bytes.get(at + 1) == Some(&b' ') {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Cleans one report exactly like the reference code for `dataset`.
+pub fn clean_report(text: &str, dataset: Dataset) -> String {
+    let mut scratch = Scratch::default();
+    clean_report_into(text, dataset, &mut scratch).0.to_owned()
+}
+
+/// `str.split()` of ASCII text: runs of ASCII whitespace separate tokens.
+pub fn ascii_split_whitespace(s: &str) -> impl Iterator<Item = &str> {
+    debug_assert!(s.is_ascii());
+    let bytes = s.as_bytes();
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        while pos < bytes.len() && is_py_space_byte(bytes[pos]) {
+            pos += 1;
+        }
+        if pos == bytes.len() {
+            return None;
+        }
+        let start = pos;
+        while pos < bytes.len() && !is_py_space_byte(bytes[pos]) {
+            pos += 1;
+        }
+        Some(&s[start..pos])
+    })
 }
 
 #[cfg(test)]
@@ -358,6 +512,59 @@ mod tests {
     fn mimic_collapses_underscores_newlines_and_spaces() {
         assert_eq!(mimic("___ noted\nhere"), " noted here .");
         assert_eq!(iu("a\nb"), "a\nb .");
+    }
+
+    /// The reference's substitutions spelled out as `str::replace` passes.
+    fn substitute_naive(text: &str, dataset: Dataset) -> String {
+        let runs: &[Rule] = match dataset {
+            Dataset::IuXray => &[("..", ".", 3)],
+            Dataset::MimicCxr => &[
+                ("\n", " ", 1),
+                ("__", "_", 7),
+                ("  ", " ", 6),
+                ("..", ".", 8),
+            ],
+        };
+        let mut text = text.to_owned();
+        for &(from, to, passes) in runs.iter().chain(LIST_RULES) {
+            for _ in 0..passes {
+                text = text.replace(from, to);
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn one_sweep_substitution_equals_repeated_replace() {
+        let alphabet = [
+            " ", "\n", "_", ".", "1", "2", "5", "a", "é", "  ", "___", "....",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut buf = Vec::new();
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            for k in 0..(state % 40) {
+                let pick = (state >> (k % 48)) as usize + k as usize * 7;
+                text.push_str(alphabet[pick % alphabet.len()]);
+            }
+            for dataset in [Dataset::IuXray, Dataset::MimicCxr] {
+                substitute(&text, dataset, &mut buf);
+                assert_eq!(
+                    std::str::from_utf8(&buf).unwrap(),
+                    substitute_naive(&text, dataset),
+                    "{text:?}"
+                );
+            }
+        }
+        let long_runs = format!("x{}y{}z", "_".repeat(300), ".".repeat(1000));
+        substitute(&long_runs, Dataset::MimicCxr, &mut buf);
+        assert_eq!(
+            std::str::from_utf8(&buf).unwrap(),
+            substitute_naive(&long_runs, Dataset::MimicCxr)
+        );
     }
 
     #[test]

@@ -7,8 +7,7 @@ pub mod clean;
 pub mod error;
 pub mod vocab;
 
-use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray2};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -74,12 +73,56 @@ fn report_text(obj: &Bound<'_, PyAny>, index: Option<usize>) -> PyResult<String>
     )))
 }
 
-fn report_texts(objs: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
-    let mut out = Vec::new();
-    for (i, item) in objs.try_iter()?.enumerate() {
-        out.push(report_text(&item?, Some(i))?);
+extern "C" {
+    // In the stable ABI only from 3.10, but exported by every CPython 3 (pyo3 hides
+    // it under abi3-py39). Returns the str's own cached UTF-8, or NULL with an
+    // exception set (lone surrogates).
+    fn PyUnicode_AsUTF8AndSize(
+        unicode: *mut pyo3::ffi::PyObject,
+        size: *mut pyo3::ffi::Py_ssize_t,
+    ) -> *const std::os::raw::c_char;
+}
+
+/// The UTF-8 of a `str` or `bytes` report without copying it; `None` where
+/// [`report_text`] must build the error.
+fn borrowed_text<'a>(obj: &'a Bound<'_, PyAny>) -> Option<&'a str> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        let mut len: pyo3::ffi::Py_ssize_t = 0;
+        // SAFETY: `s` is a live str; the buffer returned belongs to it and is never
+        // changed or freed before the object, which `obj` keeps alive for 'a.
+        let data = unsafe { PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut len) };
+        if data.is_null() {
+            drop(PyErr::take(obj.py()));
+            return None;
+        }
+        // SAFETY: CPython guarantees `len` valid UTF-8 bytes at `data`.
+        return Some(unsafe {
+            std::str::from_utf8_unchecked(std::slice::from_raw_parts(
+                data.cast::<u8>(),
+                len as usize,
+            ))
+        });
     }
-    Ok(out)
+    let b = obj.cast::<PyBytes>().ok()?;
+    std::str::from_utf8(b.as_bytes()).ok()
+}
+
+/// The reports of a batch call, kept alive so their text can be read without the GIL.
+fn report_items<'py>(objs: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    objs.try_iter()?.collect()
+}
+
+fn report_texts<'a>(items: &'a [Bound<'_, PyAny>]) -> PyResult<Vec<&'a str>> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match borrowed_text(item) {
+            Some(text) => Ok(text),
+            None => Err(report_text(item, Some(i))
+                .err()
+                .unwrap_or_else(|| TextInputError::new_err(format!("report {i} is unreadable")))),
+        })
+        .collect()
 }
 
 /// Cleans one report (`str`, or UTF-8 `bytes`) with the rules of `dataset`.
@@ -93,11 +136,15 @@ fn clean_report(text: &Bound<'_, PyAny>, dataset: &str) -> PyResult<String> {
 #[pyfunction]
 fn clean_reports(py: Python<'_>, texts: &Bound<'_, PyAny>, dataset: &str) -> PyResult<Vec<String>> {
     let ds = self::dataset(dataset)?;
-    let texts = report_texts(texts)?;
+    let items = report_items(texts)?;
+    let texts = report_texts(&items)?;
     Ok(py.detach(|| {
         texts
             .par_iter()
-            .map(|t| clean::clean_report(t, ds))
+            .with_min_len(256)
+            .map_init(clean::Scratch::default, |scratch, t| {
+                clean::clean_report_into(t, ds, scratch).0.to_owned()
+            })
             .collect()
     }))
 }
@@ -125,14 +172,9 @@ impl Tokenizer {
         dataset: &str,
     ) -> PyResult<Self> {
         let ds = self::dataset(dataset)?;
-        let texts = report_texts(reports)?;
-        let vocab = py.detach(|| {
-            let cleaned: Vec<String> = texts
-                .par_iter()
-                .map(|t| clean::clean_report(t, ds))
-                .collect();
-            Vocab::build(&cleaned, threshold, ds)
-        });
+        let items = report_items(reports)?;
+        let texts = report_texts(&items)?;
+        let vocab = py.detach(|| Vocab::build_raw(&texts, threshold, ds));
         Ok(Tokenizer { vocab })
     }
 
@@ -189,23 +231,27 @@ impl Tokenizer {
         reports: &Bound<'py, PyAny>,
         max_len: usize,
     ) -> PyResult<Bound<'py, PyArray2<i64>>> {
-        let texts = report_texts(reports)?;
-        let ds = self.vocab.dataset();
+        let items = report_items(reports)?;
+        let texts = report_texts(&items)?;
         let vocab = &self.vocab;
-        let flat = py.detach(|| {
-            let mut flat = vec![0i64; texts.len() * max_len];
+        // numpy's allocator asks for huge pages, which makes the first touch of a
+        // large result much cheaper than a plain zeroed Vec.
+        let array = PyArray2::<i64>::zeros(py, [texts.len(), max_len], false);
+        {
+            let mut view = array.readwrite();
+            let flat = view.as_slice_mut().expect("a new array is contiguous");
             if max_len > 0 {
-                flat.par_chunks_mut(max_len)
-                    .zip(texts.par_iter())
-                    .for_each(|(row, text)| {
-                        vocab.encode_cleaned_into(&clean::clean_report(text, ds), row)
-                    });
+                py.detach(|| {
+                    flat.par_chunks_mut(max_len)
+                        .zip(texts.par_iter())
+                        .with_min_len(256)
+                        .for_each_init(clean::Scratch::default, |scratch, (row, text)| {
+                            vocab.encode_raw_into_zeroed(text, scratch, row)
+                        })
+                });
             }
-            flat
-        });
-        let array = Array2::from_shape_vec((texts.len(), max_len), flat)
-            .expect("buffer has n * max_len elements");
-        Ok(array.into_pyarray(py))
+        }
+        Ok(array)
     }
 
     /// Tokens joined by spaces; a leading 0 (BOS) is skipped and the next 0 ends the text.

@@ -7,7 +7,9 @@ use rayon::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
 use serde_json::{json, Value};
 
-use crate::clean::{py_split_whitespace, Dataset};
+use crate::clean::{
+    ascii_split_whitespace, clean_report_into, py_split_whitespace, Dataset, Scratch,
+};
 use crate::error::Result;
 use crate::invalid;
 
@@ -31,24 +33,40 @@ impl Vocab {
     pub fn build<S: AsRef<str> + Sync>(cleaned: &[S], threshold: i64, dataset: Dataset) -> Vocab {
         let counts = cleaned
             .par_iter()
-            .fold(HashMap::<&str, i64>::default, |mut acc, report| {
-                for token in py_split_whitespace(report.as_ref()) {
-                    *acc.entry(token).or_insert(0) += 1;
-                }
+            .fold(HashMap::<String, i64>::default, |mut acc, report| {
+                count_tokens(&mut acc, py_split_whitespace(report.as_ref()));
                 acc
             })
-            .reduce(HashMap::default, |mut a, b| {
-                let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
-                for (token, n) in small {
-                    *big.entry(token).or_insert(0) += n;
-                }
-                a = big;
-                a
-            });
+            .reduce(HashMap::default, merge_counts);
+        Vocab::from_counts(counts, threshold, dataset)
+    }
+
+    /// Builds from raw reports, cleaning each with the rules of `dataset` on the way
+    /// (no cleaned copy of the corpus is kept).
+    pub fn build_raw<S: AsRef<str> + Sync>(raw: &[S], threshold: i64, dataset: Dataset) -> Vocab {
+        let counts = raw
+            .par_iter()
+            .with_min_len(256)
+            .fold(
+                || (HashMap::<String, i64>::default(), Scratch::default()),
+                |(mut acc, mut scratch), report| {
+                    match clean_report_into(report.as_ref(), dataset, &mut scratch) {
+                        (text, true) => count_tokens(&mut acc, ascii_split_whitespace(text)),
+                        (text, false) => count_tokens(&mut acc, py_split_whitespace(text)),
+                    }
+                    (acc, scratch)
+                },
+            )
+            .map(|(acc, _)| acc)
+            .reduce(HashMap::default, merge_counts);
+        Vocab::from_counts(counts, threshold, dataset)
+    }
+
+    fn from_counts(counts: HashMap<String, i64>, threshold: i64, dataset: Dataset) -> Vocab {
         let mut tokens: Vec<String> = counts
             .into_iter()
             .filter(|&(_, n)| n >= threshold)
-            .map(|(t, _)| t.to_owned())
+            .map(|(t, _)| t)
             .collect();
         tokens.push(UNK.to_owned());
         // UTF-8 byte order is code point order, i.e. Python's `list.sort` on str.
@@ -118,9 +136,22 @@ impl Vocab {
     /// Writes `encode_cleaned(cleaned)[..row.len()]` into `row`, zeros after it.
     pub fn encode_cleaned_into(&self, cleaned: &str, row: &mut [i64]) {
         row.fill(0);
-        // row[0] is BOS (0); the trailing EOS is the zero already there.
-        let slots = row.iter_mut().skip(1);
-        for (slot, token) in slots.zip(py_split_whitespace(cleaned)) {
+        self.write_ids(py_split_whitespace(cleaned), row);
+    }
+
+    /// Cleans `raw` and writes its `encode_cleaned(..)[..row.len()]` into `row`,
+    /// which must be all zeros already.
+    pub fn encode_raw_into_zeroed(&self, raw: &str, scratch: &mut Scratch, row: &mut [i64]) {
+        match clean_report_into(raw, self.dataset, scratch) {
+            (text, true) => self.write_ids(ascii_split_whitespace(text), row),
+            (text, false) => self.write_ids(py_split_whitespace(text), row),
+        }
+    }
+
+    /// Ids of `tokens` from `row[1]` on; row[0] is BOS (0) and the trailing EOS is
+    /// the zero already there.
+    fn write_ids<'t>(&self, tokens: impl Iterator<Item = &'t str>, row: &mut [i64]) {
+        for (slot, token) in row.iter_mut().skip(1).zip(tokens) {
             *slot = self.ids.get(token).copied().unwrap_or(self.unk);
         }
     }
@@ -246,6 +277,26 @@ impl Vocab {
             .ok_or_else(|| invalid!("ids are not contiguous"))?;
         Vocab::from_sorted(tokens, dataset)
     }
+}
+
+/// Adds one to the count of each token; allocates only for a token seen first.
+fn count_tokens<'t>(counts: &mut HashMap<String, i64>, tokens: impl Iterator<Item = &'t str>) {
+    for token in tokens {
+        match counts.get_mut(token) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(token.to_owned(), 1);
+            }
+        }
+    }
+}
+
+fn merge_counts(a: HashMap<String, i64>, b: HashMap<String, i64>) -> HashMap<String, i64> {
+    let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+    for (token, n) in small {
+        *big.entry(token).or_insert(0) += n;
+    }
+    big
 }
 
 #[cfg(test)]
