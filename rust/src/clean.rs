@@ -173,23 +173,28 @@ const LIST_RULES: &[Rule] = &[
 /// of different characters never merge: `p` passes leave `ceil(k / 2^p)`, and all
 /// rules can be done in one left-to-right sweep.
 struct Collapse {
-    /// Per byte: `log2` of the shrink factor of its runs, 0 for a byte copied as is.
-    shift: [u8; 256],
-    newline_is_space: bool,
+    /// Per byte: what it becomes (`\n` -> space for mimic_cxr, else itself).
+    map: [u8; 256],
+    /// Per mapped byte: `2^p - 1` where its runs shrink `2^p`-fold, 0 if copied as is.
+    /// Within a run only the characters at offsets `0, 2^p, 2 * 2^p, ...` stay.
+    mask: [u8; 256],
 }
 
 const fn collapse(newline_is_space: bool, space: u8, underscore: u8, dot: u8) -> Collapse {
-    let mut shift = [0u8; 256];
-    shift[b' ' as usize] = space;
+    let mut map = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        map[b] = b as u8;
+        b += 1;
+    }
     if newline_is_space {
-        shift[b'\n' as usize] = space;
+        map[b'\n' as usize] = b' ';
     }
-    shift[b'_' as usize] = underscore;
-    shift[b'.' as usize] = dot;
-    Collapse {
-        shift,
-        newline_is_space,
-    }
+    let mut mask = [0u8; 256];
+    mask[b' ' as usize] = ((1u16 << space) - 1) as u8;
+    mask[b'_' as usize] = ((1u16 << underscore) - 1) as u8;
+    mask[b'.' as usize] = ((1u16 << dot) - 1) as u8;
+    Collapse { map, mask }
 }
 
 static IU_COLLAPSE: Collapse = collapse(false, 0, 0, 3);
@@ -206,43 +211,24 @@ impl Collapse {
     /// Writes the collapsed `text` to `out`; returns whether a numbered-list rule may
     /// match (a digit `1..=5` right before a dot).
     fn apply(&self, text: &[u8], out: &mut Vec<u8>) -> bool {
+        // Branch-free (word lengths are unpredictable): every byte is written, only
+        // kept ones advance the cursor. The output is never longer than the input.
         out.clear();
-        out.reserve(text.len());
-        let norm = |b: u8| {
-            if b == b'\n' && self.newline_is_space {
-                b' '
-            } else {
-                b
-            }
-        };
+        out.resize(text.len(), 0);
+        let (mut write, mut run, mut prev, mut last) = (0usize, 0usize, 0u8, 0u8);
         let mut maybe_list = false;
-        let mut i = 0;
-        loop {
-            let plain = text[i..]
-                .iter()
-                .position(|&b| self.shift[b as usize] != 0)
-                .unwrap_or(text.len() - i);
-            out.extend_from_slice(&text[i..i + plain]);
-            i += plain;
-            let Some(&b) = text.get(i) else {
-                return maybe_list;
-            };
-            let c = norm(b);
-            if c == b'.' {
-                maybe_list |= matches!(out.last(), Some(b'1'..=b'5'));
-            }
-            let run = 1 + text[i + 1..]
-                .iter()
-                .take_while(|&&next| norm(next) == c)
-                .count();
-            if run == 1 {
-                out.push(c);
-            } else {
-                let kept = run.div_ceil(1 << self.shift[b as usize]);
-                out.resize(out.len() + kept, c);
-            }
-            i += run;
+        for &b in text {
+            let c = self.map[b as usize];
+            run = if c == prev { run.wrapping_add(1) } else { 0 };
+            let keep = run & usize::from(self.mask[c as usize]) == 0;
+            maybe_list |= (c == b'.') & matches!(last, b'1'..=b'5');
+            out[write] = c;
+            write += usize::from(keep);
+            last = if keep { c } else { last };
+            prev = c;
         }
+        out.truncate(write);
+        maybe_list
     }
 }
 
