@@ -10,7 +10,7 @@ import torch
 HERE = Path(__file__).parent
 
 
-def torchrun(args, tmp_path, timeout=600, **env_extra):
+def torchrun(args, tmp_path, timeout=300, **env_extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
@@ -22,7 +22,7 @@ def test_two_gloo_ranks_match_single_process_steps(tmp_path):
     script = str(HERE / "helpers" / "ddp_step.py")
     single, double = tmp_path / "single.pt", tmp_path / "ddp.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, script, str(single)], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, script, str(single)], check=True, env=env, timeout=300)
     torchrun([script, str(double)], tmp_path)
     a = torch.load(single, weights_only=False)
     b = torch.load(double, weights_only=False)

@@ -49,6 +49,7 @@ def main(out: str) -> None:
     if info.rank == 0:
         torch.save({"state": model.state_dict(), "stats": stats}, out)
     if info.world_size > 1:
+        torch.distributed.barrier()  # both ranks are done before either tears down
         torch.distributed.destroy_process_group()
 
 
