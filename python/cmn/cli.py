@@ -187,13 +187,16 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise CMNError(f"--list {args.list_file}: cannot be read ({e})") from None
         for n, line in enumerate(lines, 1):
-            if line.strip():
-                paths = line.split()
-                for path in paths:
-                    if not Path(path).is_file():
-                        raise CMNError(f"--list {args.list_file}, line {n}: no such image file {path}")
-                studies.extend(group_studies(paths, num_views) if len(paths) == num_views else
-                               [(f"line{n}", tuple(Path(x) for x in paths))])
+            paths = line.split()
+            if not paths:
+                continue
+            if len(paths) != num_views:
+                raise CMNError(f"--list {args.list_file}, line {n}: {len(paths)} image(s), but this model reads "
+                               f"{num_views} per study")
+            try:
+                studies.extend(group_studies(paths, num_views))
+            except CMNError as e:
+                raise CMNError(f"--list {args.list_file}, line {n}: {e}") from None
     if not studies:
         raise CMNError("no studies given: pass IMAGE paths or folders, or --list FILE")
     reports = generate_reports(model, [views for _, views in studies], beam_size=args.beam_size,
