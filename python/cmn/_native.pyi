@@ -1,5 +1,5 @@
 """Type stub of the Rust extension ``cmn._native`` (use it through :mod:`cmn.text`)."""
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt

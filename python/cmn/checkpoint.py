@@ -6,8 +6,10 @@ A bundle is a folder:
   cleaning rule), the epoch and scores it was saved at;
 - ``tokenizer.json``: the vocabulary (readable by the ``tokenizers`` library), so loading a
   model never needs the annotation file it was trained on (unlike the reference code);
-- ``trainer_state.pt`` (resumable bundles only): optimizer, scheduler, epoch, RNG states,
-  best score and early-stopping counter.
+- ``trainer_state.json`` + ``trainer_state.safetensors`` (resumable bundles only): optimizer,
+  scheduler, epoch, RNG states, best score and early-stopping counter. No pickle: the JSON
+  holds the structure and plain values, the tensors and arrays are safetensors entries, and
+  only the types listed in :func:`encode_state` can be written or read back.
 
 Writes are atomic at the folder level: the new bundle is written to a temporary sibling
 folder, the old one is moved aside, the new one renamed into place, the old one deleted. A
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import os
 import shutil
 import tempfile
@@ -31,7 +35,9 @@ from cmn.errors import CheckpointError, CMNError
 
 FORMAT = "cmn-checkpoint"
 FORMAT_VERSION = 1
-WEIGHTS, CONFIG, TOKENIZER, TRAINER_STATE = "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+LEGACY_STATE = "trainer_state.pt"  # pickled trainer state of cmn 0.1: never unpickled by default
 PathLike = Union[str, os.PathLike]
 
 
@@ -72,7 +78,9 @@ def save_checkpoint(
         }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            tree, tensors = encode_state(trainer_state)
+            save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": FORMAT + "-trainer-state"})
+            (tmp / STATE_JSON).write_text(json.dumps(tree, indent=1) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
             _fsync(f)
         aside = _aside(path)
@@ -222,12 +230,157 @@ def load_checkpoint(path: PathLike, device: Optional[Union[str, torch.device]] =
     return model.eval()
 
 
-def load_trainer_state(path: PathLike) -> dict[str, Any]:
-    bundle = resolve_bundle(path)
-    p = bundle / TRAINER_STATE
-    if not p.is_file():
-        raise CheckpointError(f"{bundle}: no {TRAINER_STATE}; it is not a resumable checkpoint")
+# ---- trainer state without pickle ------------------------------------------------------------
+# A state tree is encoded as JSON with tagged nodes; tensors and numpy arrays go to a safetensors
+# file under generated names. Allowed leaves: None, bool, int, float, str, torch.Tensor,
+# numpy.ndarray (non-object dtypes) and numpy scalars; containers: dict (any str/int keys), list,
+# tuple. Anything else is refused on write, and an unknown tag is refused on read.
+_TAG = "__cmn__"
+
+
+def encode_state(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``tree`` -> (JSON-able structure, tensors by name). Raises TypeError for other types."""
+    import numpy as np
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(t: torch.Tensor) -> str:
+        name = f"t{len(tensors)}"
+        tensors[name] = t.detach().cpu().contiguous()
+        return name
+
+    def enc(x: Any) -> Any:
+        if x is None or isinstance(x, (bool, str)):
+            return x
+        if isinstance(x, (int, float)) and not isinstance(x, np.generic):
+            return x if isinstance(x, int) or math.isfinite(x) else {_TAG: "float", "v": repr(x)}
+        if isinstance(x, torch.Tensor):
+            return {_TAG: "tensor", "k": put(x)}
+        if isinstance(x, np.ndarray) and x.dtype != object:
+            raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # bytes: any dtype safetensors lacks
+            return {_TAG: "ndarray", "k": put(torch.from_numpy(raw.copy())), "dtype": x.dtype.str, "shape": list(x.shape)}
+        if isinstance(x, np.generic):
+            return {_TAG: "npscalar", "dtype": x.dtype.str, "v": enc(x.item())}
+        if isinstance(x, tuple):
+            return {_TAG: "tuple", "v": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x) and _TAG not in x:
+                return {k: enc(v) for k, v in x.items()}
+            if all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in x):
+                return {_TAG: "dict", "v": [[k, enc(v)] for k, v in x.items()]}
+        raise TypeError(f"trainer state cannot hold {type(x).__name__} values")
+
+    return enc(tree), tensors
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor], origin: str = "trainer state") -> Any:
+    """Inverse of :func:`encode_state`; an unknown tag or missing tensor is a CheckpointError."""
+    import numpy as np
+
+    def tensor(key: Any) -> torch.Tensor:
+        if not isinstance(key, str) or key not in tensors:
+            raise CheckpointError(f"{origin}: refers to a tensor {key!r} that is not stored")
+        return tensors[key]
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        tag = x.get(_TAG)
+        if tag is None:
+            return {k: dec(v) for k, v in x.items()}
+        if tag == "tensor":
+            return tensor(x.get("k"))
+        if tag == "ndarray":
+            return tensor(x.get("k")).numpy().view(np.dtype(x["dtype"])).reshape(x["shape"])
+        if tag == "npscalar":
+            return np.dtype(x["dtype"]).type(dec(x["v"]))
+        if tag == "float":
+            return float(x["v"])
+        if tag == "tuple":
+            return tuple(dec(v) for v in x["v"])
+        if tag == "dict":
+            return {k: dec(v) for k, v in x["v"]}
+        raise CheckpointError(f"{origin}: unknown entry type {tag!r} (written by a newer cmn?)")
+
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return dec(tree)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{origin}: malformed ({e})") from None
+
+
+def load_trainer_state(path: PathLike, *, trust_legacy_pickle: bool = False) -> dict[str, Any]:
+    """The trainer state of a resumable bundle (``last/``), read without unpickling anything.
+
+    A bundle from cmn 0.1 holds a pickled ``trainer_state.pt`` instead; it is refused unless
+    ``trust_legacy_pickle`` (``cmn-train --resume --trust-pickled-state``), and even then it is
+    read with ``torch.load(weights_only=True)`` limited to the numpy types such a state holds,
+    so no code in it can run. The next save writes the new format.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    bundle = resolve_bundle(path)
+    js, ts = bundle / STATE_JSON, bundle / STATE_TENSORS
+    if js.is_file() and ts.is_file():
+        try:
+            tree = json.loads(js.read_text(encoding="utf-8"))
+            tensors = load_file(str(ts))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{js}: not valid JSON ({e})") from None
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{ts}: cannot be read ({e})") from None
+        state = decode_state(tree, tensors, str(js))
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{js}: not a trainer state (top level is not an object)")
+        return state
+    legacy = bundle / LEGACY_STATE
+    if legacy.is_file():
+        if not trust_legacy_pickle:
+            raise CheckpointError(
+                f"{legacy}: a pickled trainer state from cmn 0.1; pickle files can run code, so cmn does not read "
+                "them. If you made this run yourself, resume once with --trust-pickled-state (read with "
+                "torch.load(weights_only=True), no code runs) and it is rewritten in the safe format"
+            )
+        return _load_legacy_state(legacy)
+    raise CheckpointError(f"{bundle}: no {STATE_JSON}/{STATE_TENSORS}; it is not a resumable checkpoint")
+
+
+def _load_legacy_state(p: Path) -> dict[str, Any]:
+    state = load_plain_pickle(p)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{p}: refused: not a trainer state")
+    return state
+
+
+def load_plain_pickle(p: Path) -> Any:
+    """``torch.load(weights_only=True)`` allowing, beyond tensors and plain containers, only the
+    numpy arrays and scalars that training states hold (RNG state, ``monitor_best``).
+
+    No code in the file can run. A file that needs any other type is refused with a
+    :class:`CheckpointError` naming it; a truncated or corrupt file likewise.
+    """
+    import numpy as np
+
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    scalar = np.float64(0).__reduce__()[0]
+    allowed: list[Any] = [np.ndarray, np.dtype]
+    for core in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2 / numpy 1 pickles
+        allowed += [(reconstruct, f"{core}._reconstruct"), (scalar, f"{core}.scalar")]
+    allowed += [type(np.dtype(t)) for t in ("uint8", "uint32", "int32", "int64", "float32", "float64", "bool")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{p}: cannot be read ({e})") from None
+        text = str(e)
+        unsupported = re.search(r"GLOBAL ([\w.]+)", text)
+        if unsupported:
+            reason = f"it needs {unsupported.group(1)}, which is not a plain tensor, number or array type"
+        elif "WeightsUnpickler error" in text or "zip archive" in text or "central directory" in text:
+            reason = "truncated, corrupt or not a torch.save file"
+        else:
+            reason = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+        raise CheckpointError(f"{p}: refused: {reason} (cmn never runs code from a checkpoint)") from None

@@ -7,33 +7,16 @@ with exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from cmn.config import (
     DATASETS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
     DataConfig, ModelConfig, TrainConfig,
 )
+from cmn.cliutil import user_errors
 from cmn.errors import CMNError
-
-
-def user_errors(main: Callable[[Optional[Sequence[str]]], int]) -> Callable[[Optional[Sequence[str]]], int]:
-    """Turn user-facing errors into one line on stderr and exit code 2."""
-
-    @functools.wraps(main)
-    def wrapper(argv: Optional[Sequence[str]] = None) -> int:
-        try:
-            return main(argv)
-        except CMNError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-
-    return wrapper
 
 
 # ---- cmn-train ---------------------------------------------------------------------------
@@ -43,7 +26,8 @@ _MODEL_FLAGS = ["variant", "visual_extractor", "d_model", "d_ff", "num_heads", "
 _DATA_FLAGS = ["ann_path", "image_dir", "image_size", "max_seq_length", "threshold", "batch_size",
                "num_workers", "image_cache", "demo_size"]
 _TRAIN_FLAGS = ["epochs", "lr_ve", "lr_ed", "weight_decay", "step_size", "gamma", "seed", "early_stop",
-                "beam_size", "block_ngram", "precision", "device", "output_dir", "resume", "visual_weights",
+                "beam_size", "block_ngram", "precision", "device", "output_dir", "resume", "trust_pickled_state",
+                "visual_weights",
                 "eval_max_batches", "freeze_bn", "sync_bn", "checkpoint_visual"]
 
 
@@ -93,6 +77,9 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=PRECISIONS)
     t.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
     t.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT_DIR/last")
+    t.add_argument("--trust-pickled-state", action="store_true", default=None,
+                   help="with --resume: read a run folder of cmn 0.1, whose trainer_state.pt is a pickle (read with "
+                        "torch.load(weights_only=True), so no code in it runs; rewritten in the safe format)")
     t.add_argument("--checkpoint-visual", action="store_true", default=None,
                    help="recompute the CNN's activations in the backward: much less memory, ~1/3 more CNN time")
     t.add_argument("--freeze-bn", action="store_true", default=None,
@@ -172,7 +159,7 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
 
     from cmn.checkpoint import load_checkpoint
     from cmn.inference import generate_reports, group_studies
-    from cmn.train import select_device
+    from cmn.runtime import select_device
 
     args = generate_parser().parse_args(argv)
     if args.beam_size < 1:

@@ -119,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs/cmn"
     resume: bool = False
+    trust_pickled_state: bool = False  # --resume may read a cmn 0.1 trainer_state.pt (weights_only, no code runs)
     visual_weights: Optional[str] = "imagenet"  # imagenet | PATH to a state dict | None (random init)
     checkpoint_visual: bool = False  # recompute the CNN's block activations in the backward (less memory)
     freeze_bn: bool = False  # BatchNorm on running statistics (small per-GPU batches, exact DDP equivalence)

@@ -8,86 +8,23 @@ from __future__ import annotations
 import collections
 import json
 import os
-import random
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cmn.config import DataConfig, ModelConfig, TrainConfig
-from cmn.errors import CMNError, ConfigError
+from cmn.errors import CheckpointError, CMNError, ConfigError
+from cmn.fsutil import write_json
+from cmn.runtime import DistInfo, init_distributed, rng_state, seed_everything, select_device, set_rng_state
 
 DEMO_CACHE_ENV = "CMN_DEMO_DIR"
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def select_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present; an unavailable CUDA request is a clear error."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA device is available on this machine; use --device cpu")
-        index = device.index if device.index is not None else local_rank
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-        device = torch.device("cuda", index)
-    return device
-
-
-def init_distributed() -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local_rank)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def default_demo_dir() -> Path:
@@ -122,12 +59,6 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"--output-dir {folder}: not writable ({e.strerror or e})") from None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def most_frequent_report(reports: list[str]) -> str:
@@ -260,7 +191,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
         ckpt.resolve_bundle(last_dir)  # clear error when there is nothing to resume
         saved = ckpt.read_config(last_dir)["model"]
         tokenizer = ckpt.load_tokenizer(last_dir)
-        trainer_state = ckpt.load_trainer_state(last_dir)
+        trainer_state = ckpt.load_trainer_state(last_dir, trust_legacy_pickle=train.trust_pickled_state)
         model_cfg = ModelConfig.from_dict(saved)
         requested = dict(model_kwargs, vocab_size=model_cfg.vocab_size)
         differs = {k: (saved[k], v) for k, v in requested.items() if saved.get(k) != v and k != "memory_impl"}
@@ -323,12 +254,15 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
                optimizer, scheduler, sampler, train_loader, eval_loaders, log, progress)
     if trainer_state is not None:
         ckpt.load_state_into(model, last_dir)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        run.start_epoch = trainer_state["epoch"] + 1
-        run.best_score, run.best_epoch = trainer_state["best_score"], trainer_state["best_epoch"]
-        run.bad_epochs, run.best_val = trainer_state["bad_epochs"], trainer_state["best_val"]
-        set_rng_state(trainer_state["rng"])
+        try:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+            scheduler.load_state_dict(trainer_state["scheduler"])
+            run.start_epoch = int(trainer_state["epoch"]) + 1
+            run.best_score, run.best_epoch = float(trainer_state["best_score"]), int(trainer_state["best_epoch"])
+            run.bad_epochs, run.best_val = int(trainer_state["bad_epochs"]), dict(trainer_state["best_val"])
+            set_rng_state(trainer_state["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{last_dir}: trainer_state does not fit this run ({type(e).__name__}: {e})") from None
         log(f"resuming from {last_dir} at epoch {run.start_epoch}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {model_cfg.variant} ({n_params / 1e6:.1f}M parameters, {model_cfg.visual_extractor}, "
@@ -404,7 +338,7 @@ def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str,
         "data": {**run.data_info, "ann_path": str(run.ann_path), "sizes": {k: len(v) for k, v in run.splits.items()}},
         "model": asdict(run.model_cfg), "train": asdict(run.train),
     }
-    write_json_atomic(run.out_dir / "metrics.json", result)
+    write_json(run.out_dir / "metrics.json", result)
     with open(run.out_dir / "test_predictions.jsonl", "w", encoding="utf-8") as f:
         for k in refs:
             f.write(json.dumps({"id": k, "prediction": preds[k], "reference": refs[k]}) + "\n")
