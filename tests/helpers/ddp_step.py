@@ -12,7 +12,7 @@ from cmn.config import ModelConfig
 from cmn.data.dataset import collate
 from cmn.engine import train_one_epoch
 from cmn.model import build_model
-from cmn.train import init_distributed, seed_everything
+from cmn.runtime import init_distributed, seed_everything
 
 GLOBAL_BATCH = 4
 

@@ -15,10 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
-from cmn.errors import CMNError, DataError
+from cmn.cliutil import user_errors
+from cmn.errors import DataError
 from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS, UNCERTAIN_POLICIES, label_reports
 from cmn.metrics.evaluate import ce_flat, clinical_scores
-from cmn.metrics.nlg import NLG_KEYS, NLGScorer, _as_coco
+from cmn.metrics.nlg import NLGScorer, _as_coco
 
 
 def _read_text(path: Path) -> str:
@@ -183,14 +184,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@user_errors
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cmn-eval``; returns the exit status."""
-    args = _eval_parser().parse_args(argv)
-    try:
-        return _run_eval(args)
-    except CMNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return _run_eval(_eval_parser().parse_args(argv))
 
 
 def _label_parser() -> argparse.ArgumentParser:
@@ -227,15 +224,12 @@ def write_labels(path: Path, reports: Sequence[str], labels: np.ndarray) -> None
         raise DataError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
+@user_errors
 def label_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cmn-label``; returns the exit status."""
     args = _label_parser().parse_args(argv)
-    try:
-        reports = read_reports(args.input)
-        write_labels(args.output, reports, label_reports(reports))
-    except CMNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    reports = read_reports(args.input)
+    write_labels(args.output, reports, label_reports(reports))
     print(f"labeled {len(reports)} reports -> {args.output}")
     return 0
 
