@@ -32,6 +32,7 @@ import torch
 
 from cmn.config import ModelConfig
 from cmn.errors import CheckpointError, CMNError
+from cmn.fsutil import fsync_path
 
 FORMAT = "cmn-checkpoint"
 FORMAT_VERSION = 1
@@ -82,14 +83,14 @@ def save_checkpoint(
             save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": FORMAT + "-trainer-state"})
             (tmp / STATE_JSON).write_text(json.dumps(tree, indent=1) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_path(f)
         aside = _aside(path)
         if aside.exists():
             shutil.rmtree(aside)
         if path.exists():
             os.replace(path, aside)
         os.replace(tmp, path)
-        _fsync(parent)
+        fsync_path(parent)
         if aside.exists():
             shutil.rmtree(aside)
     except OSError as e:
@@ -99,19 +100,6 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _fsync(p: Path) -> None:
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not fsync folders; the rename order still holds
-    finally:
-        os.close(fd)
 
 
 def _sha256(p: Path) -> str:
