@@ -37,7 +37,9 @@ from cmn.fsutil import fsync_path
 FORMAT = "cmn-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+TRAINER_STATE = "trainer_state"  # trainer_state.json + trainer_state.safetensors
+OPTIMIZER_STATE = "optimizer"  # optimizer.json + optimizer.safetensors (converted checkpoints, --keep-optimizer)
+STATE_JSON, STATE_TENSORS = f"{TRAINER_STATE}.json", f"{TRAINER_STATE}.safetensors"
 LEGACY_STATE = "trainer_state.pt"  # pickled trainer state of cmn 0.1: never unpickled by default
 PathLike = Union[str, os.PathLike]
 
@@ -53,8 +55,12 @@ def save_checkpoint(
     data_info: dict[str, Any],
     meta: Optional[dict[str, Any]] = None,
     trainer_state: Optional[dict[str, Any]] = None,
+    extra_states: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write a bundle to ``path`` atomically (see module docstring). Returns ``path``."""
+    """Write a bundle to ``path`` atomically (see module docstring). Returns ``path``.
+
+    ``extra_states`` maps a name to a state tree stored as ``<name>.json`` +
+    ``<name>.safetensors`` (e.g. ``optimizer`` of a converted checkpoint)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -78,10 +84,13 @@ def save_checkpoint(
             "meta": dict(meta or {}),
         }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        trees = dict(extra_states or {})
         if trainer_state is not None:
-            tree, tensors = encode_state(trainer_state)
-            save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": FORMAT + "-trainer-state"})
-            (tmp / STATE_JSON).write_text(json.dumps(tree, indent=1) + "\n", encoding="utf-8")
+            trees[TRAINER_STATE] = trainer_state
+        for name, tree in trees.items():
+            encoded, tensors = encode_state(tree)
+            save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"format": f"{FORMAT}-{name}"})
+            (tmp / f"{name}.json").write_text(json.dumps(encoded, indent=1) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
             fsync_path(f)
         aside = _aside(path)
@@ -300,6 +309,28 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], origin: str = "tra
         raise CheckpointError(f"{origin}: malformed ({e})") from None
 
 
+def load_state_tree(path: PathLike, name: str) -> Optional[dict[str, Any]]:
+    """The state tree ``<name>.json`` + ``<name>.safetensors`` of a bundle, or None if absent."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    bundle = resolve_bundle(path)
+    js, ts = bundle / f"{name}.json", bundle / f"{name}.safetensors"
+    if not (js.is_file() and ts.is_file()):
+        return None
+    try:
+        tree = json.loads(js.read_text(encoding="utf-8"))
+        tensors = load_file(str(ts))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{js}: not valid JSON ({e})") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{ts}: cannot be read ({e})") from None
+    state = decode_state(tree, tensors, str(js))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{js}: not a state (top level is not an object)")
+    return state
+
+
 def load_trainer_state(path: PathLike, *, trust_legacy_pickle: bool = False) -> dict[str, Any]:
     """The trainer state of a resumable bundle (``last/``), read without unpickling anything.
 
@@ -308,22 +339,9 @@ def load_trainer_state(path: PathLike, *, trust_legacy_pickle: bool = False) -> 
     read with ``torch.load(weights_only=True)`` limited to the numpy types such a state holds,
     so no code in it can run. The next save writes the new format.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     bundle = resolve_bundle(path)
-    js, ts = bundle / STATE_JSON, bundle / STATE_TENSORS
-    if js.is_file() and ts.is_file():
-        try:
-            tree = json.loads(js.read_text(encoding="utf-8"))
-            tensors = load_file(str(ts))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{js}: not valid JSON ({e})") from None
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{ts}: cannot be read ({e})") from None
-        state = decode_state(tree, tensors, str(js))
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{js}: not a trainer state (top level is not an object)")
+    state = load_state_tree(bundle, TRAINER_STATE)
+    if state is not None:
         return state
     legacy = bundle / LEGACY_STATE
     if legacy.is_file():
@@ -367,8 +385,6 @@ def load_plain_pickle(p: Path) -> Any:
         unsupported = re.search(r"GLOBAL ([\w.]+)", text)
         if unsupported:
             reason = f"it needs {unsupported.group(1)}, which is not a plain tensor, number or array type"
-        elif "WeightsUnpickler error" in text or "zip archive" in text or "central directory" in text:
-            reason = "truncated, corrupt or not a torch.save file"
         else:
-            reason = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+            reason = "truncated, corrupt or not a torch.save file"
         raise CheckpointError(f"{p}: refused: {reason} (cmn never runs code from a checkpoint)") from None

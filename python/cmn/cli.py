@@ -12,11 +12,11 @@ import sys
 from typing import Any, Optional, Sequence
 
 from cmn.config import (
-    DATASETS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
+    ARCHITECTURE_FIELDS, DATASETS, DECODINGS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
     DataConfig, ModelConfig, TrainConfig,
 )
 from cmn.cliutil import user_errors
-from cmn.errors import CMNError
+from cmn.errors import CMNError, ConfigError
 
 
 # ---- cmn-train ---------------------------------------------------------------------------
@@ -27,6 +27,7 @@ _DATA_FLAGS = ["ann_path", "image_dir", "image_size", "max_seq_length", "thresho
                "num_workers", "image_cache", "demo_size"]
 _TRAIN_FLAGS = ["epochs", "lr_ve", "lr_ed", "weight_decay", "step_size", "gamma", "seed", "early_stop",
                 "beam_size", "block_ngram", "precision", "device", "output_dir", "resume", "trust_pickled_state",
+                "init_from", "decode",
                 "visual_weights",
                 "eval_max_batches", "freeze_bn", "sync_bn", "checkpoint_visual"]
 
@@ -77,6 +78,11 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=PRECISIONS)
     t.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
     t.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT_DIR/last")
+    t.add_argument("--init-from", metavar="DIR",
+                   help="start from a checkpoint bundle (e.g. one written by cmn-convert): its weights, vocabulary "
+                        "and architecture, and its optimizer state if it carries one")
+    t.add_argument("--decode", choices=DECODINGS,
+                   help="beam search for validation/test: cmn (default) or reference (the reference code's, exactly)")
     t.add_argument("--trust-pickled-state", action="store_true", default=None,
                    help="with --resume: read a run folder of cmn 0.1, whose trainer_state.pt is a pickle (read with "
                         "torch.load(weights_only=True), so no code in it runs; rewritten in the safe format)")
@@ -102,8 +108,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, dict[str, A
         given["demo_size"] = tuple(given["demo_size"])
 
     data_kw = {**preset.data, **{k: given[k] for k in _DATA_FLAGS if k in given}}
+    base_model = dict(preset.model)
+    if "init_from" in given:
+        base_model, data_kw = _init_from_defaults(given, base_model, data_kw)
     data = DataConfig(dataset=args.dataset, **data_kw)
-    model_kw = {**preset.model, **{k: given[k] for k in _MODEL_FLAGS if k in given}}
+    model_kw = {**base_model, **{k: given[k] for k in _MODEL_FLAGS if k in given}}
     model_kw["num_views"] = data.num_views
     model_kw["max_seq_length"] = data.max_seq_length
     train_kw = {**preset.train, **{k: given[k] for k in _TRAIN_FLAGS if k in given}}
@@ -114,6 +123,28 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, dict[str, A
     return data, model_kw, train
 
 
+def _init_from_defaults(given: dict[str, Any], model: dict[str, Any],
+                        data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """With --init-from, the bundle's architecture replaces the preset's; a flag that asks for
+    another architecture is an error (its weights would not fit)."""
+    from cmn.checkpoint import read_config
+
+    saved = read_config(given["init_from"])
+    try:
+        arch = {k: saved["model"][k] for k in ARCHITECTURE_FIELDS}
+        views = int(saved["data"]["num_views"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"--init-from {given['init_from']}: config.json lacks {e}") from None
+    clash = {k: (arch[k], given[k]) for k in ARCHITECTURE_FIELDS if k in given and given[k] != arch[k]}
+    if clash:
+        desc = ", ".join(f"{k}: {a!r} in the checkpoint vs {b!r} asked" for k, (a, b) in sorted(clash.items()))
+        raise ConfigError(f"--init-from {given['init_from']}: its weights have another architecture ({desc})")
+    if data.get("num_views", views) != views:
+        raise ConfigError(f"--init-from {given['init_from']}: the model reads {views} view(s) per study, this "
+                          f"dataset {data['num_views']}")
+    return {**model, **arch}, data
+
+
 @user_errors
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     args = train_parser().parse_args(argv)
@@ -122,12 +153,15 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
     result = run_training(data, model_kw, train, progress=not args.no_progress, quiet=args.quiet)
     if result and not args.quiet:
-        rows = [("val (best)", result["val"]), ("test", result["test"]), ("test, baseline*", result["baseline_test"])]
+        full = {k[:-5]: v for k, v in result["test"].items() if k.endswith("_full")}
+        rows = [("val (best)", result["val"]), ("test", result["test"]), ("test, full refs**", full),
+                ("test, baseline*", result["baseline_test"])]
         keys = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L"]
         print(f"{'':18}" + "".join(f"{k:>9}" for k in keys))
         for name, scores in rows:
             print(f"{name:18}" + "".join(f"{scores.get(k, float('nan')):9.4f}" for k in keys))
         print("* baseline: always writing the most frequent training report")
+        print("** references not cut to --max-seq-length tokens (the published protocol cuts them)")
         print(f"best epoch {result['best_epoch']} of {result['epochs_run']}, {result['train_seconds']:.0f} s of "
               f"training; checkpoint: {train.output_dir}/checkpoint")
     return 0
@@ -147,6 +181,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--block-ngram", type=int, default=0, help="forbid repeating any n-gram (0 = off)")
+    p.add_argument("--decode", choices=DECODINGS, default="cmn",
+                   help="beam search: cmn (default: refills beams, stops when no beam can win) or reference (the "
+                        "reference code's, step for step; for identical outputs from converted checkpoints)")
     p.add_argument("--max-len", type=int, help="maximum generated tokens (default: the model's max_seq_length)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -164,6 +201,9 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     args = generate_parser().parse_args(argv)
     if args.beam_size < 1:
         raise CMNError(f"--beam-size must be >= 1, got {args.beam_size}")
+    if args.decode == "reference" and (args.beam_size < 2 or args.block_ngram):
+        raise CMNError("--decode reference needs --beam-size >= 2 and no --block-ngram (the reference samples at "
+                       "random with beam 1, and its trigram blocking does nothing with beams)")
     device = select_device(args.device)
     model = load_checkpoint(args.checkpoint, device=device)
     num_views = int(model.data_info["num_views"])
@@ -188,7 +228,7 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         raise CMNError("no studies given: pass IMAGE paths or folders, or --list FILE")
     reports = generate_reports(model, [views for _, views in studies], beam_size=args.beam_size,
                                block_ngram=args.block_ngram, batch_size=args.batch_size, device=device,
-                               max_len=args.max_len)
+                               max_len=args.max_len, decode=args.decode)
     for (sid, views), report in zip(studies, reports):
         if args.format == "jsonl":
             print(json.dumps({"id": sid, "images": [str(v) for v in views], "report": report}))

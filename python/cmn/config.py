@@ -13,10 +13,14 @@ from typing import Any, Optional
 from cmn.errors import ConfigError
 
 MODEL_VARIANTS = ("cmn", "mem", "base")
-VISUAL_EXTRACTORS = {"resnet101": 2048, "resnet50": 2048, "resnet18": 512}  # name -> channels of the last conv layer
+# name -> channels of the last conv layer (torchvision ResNets)
+VISUAL_EXTRACTORS = {"resnet101": 2048, "resnet50": 2048, "resnet18": 512, "resnet34": 512, "resnet152": 2048}
 DATASETS = ("demo", "iu_xray", "mimic_cxr")
 MEMORY_IMPLS = ("auto", "naive", "torch", "triton")
 PRECISIONS = ("fp32", "bf16")
+DECODINGS = ("cmn", "reference")  # beam search: cmn's (refills beams, stops when done) or the reference's exact one
+# Model fields that fix the weights' shapes or meaning; --init-from keeps the bundle's.
+ARCHITECTURE_FIELDS = ("variant", "visual_extractor", "d_model", "d_ff", "num_heads", "num_layers", "memory_size")
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs/cmn"
     resume: bool = False
+    init_from: Optional[str] = None  # start from a bundle's weights (and its optimizer state, if it has one)
+    decode: str = "cmn"  # beam search of validation/test: cmn | reference
     trust_pickled_state: bool = False  # --resume may read a cmn 0.1 trainer_state.pt (weights_only, no code runs)
     visual_weights: Optional[str] = "imagenet"  # imagenet | PATH to a state dict | None (random init)
     checkpoint_visual: bool = False  # recompute the CNN's block activations in the backward (less memory)
@@ -134,6 +140,13 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.beam_size < 1:
             raise ConfigError(f"--beam-size must be >= 1, got {self.beam_size}")
+        if self.decode not in DECODINGS:
+            raise ConfigError(f"--decode must be one of {', '.join(DECODINGS)}, got {self.decode!r}")
+        if self.decode == "reference" and (self.beam_size < 2 or self.block_ngram):
+            raise ConfigError("--decode reference needs --beam-size >= 2 and no --block-ngram (the reference samples "
+                              "at random with beam 1, and its trigram blocking does nothing with beams)")
+        if self.init_from and self.resume:
+            raise ConfigError("--init-from starts a new run; --resume continues one: give only one of them")
 
 
 @dataclass(frozen=True)

@@ -108,4 +108,70 @@ def greedy_search(
     return [h[0].tokens for h in hyps]
 
 
-__all__ = ["Hypothesis", "IncrementalDecoder", "beam_search", "greedy_search"]
+@torch.no_grad()
+def reference_beam_search(
+    decoder: IncrementalDecoder,
+    batch_size: int,
+    beam_size: int,
+    max_len: int,
+    *,
+    bos_id: int = 0,
+    eos_id: int = 0,
+) -> list[list[int]]:
+    """The reference code's beam search (R2GenCMN ``CaptionModel.beam_search`` with one group,
+    no diversity, no length penalty), reproduced operation for operation.
+
+    The decoder starts with ``batch_size`` rows (one per item); they are expanded to
+    ``beam_size`` rows per item after the first step. How it differs from :func:`beam_search`:
+    - the ``beam_size`` best candidates are taken whatever their token; one that is EOS is
+      recorded as finished and its beam stays in the search with 1000 subtracted from its
+      score, so fewer live beams continue for a step (cmn refills the beam instead);
+    - it runs all ``max_len`` steps (cmn stops once no live beam can win), and at the last step
+      every beam is recorded as finished;
+    - the result is the best of all finished beams by summed log-probability.
+    Returns the token ids per item without BOS/EOS. Used by ``--decode reference``.
+    """
+    if beam_size < 2:
+        raise ValueError("the reference's beam search needs beam_size >= 2 (with 1 it samples at random)")
+    dev = _device(decoder, None)
+    tokens = torch.full((batch_size,), bos_id, dtype=torch.long, device=dev)  # (B,)
+    logp = decoder.step(tokens)  # (B, V): one row per item at t = 0
+    dev = logp.device
+    seqs = torch.zeros(batch_size, beam_size, 0, dtype=torch.long, device=dev)  # (B, b, t)
+    sums = torch.zeros(batch_size, beam_size, dtype=logp.dtype, device=dev)  # (B, b)
+    done: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch_size)]
+    offsets = torch.arange(batch_size, device=dev).unsqueeze(-1)  # (B, 1)
+    for t in range(max_len):
+        V = logp.shape[-1]
+        lp = logp.reshape(batch_size, -1, V)  # (B, rows, V), rows = 1 at t = 0, b after
+        prev = sums[:, :1] if t == 0 else sums  # (B, rows)
+        cand = prev.unsqueeze(-1) + lp  # (B, rows, V)
+        ys, ix = torch.sort(cand.reshape(batch_size, -1), -1, True)
+        ix = ix[:, :beam_size]  # (B, b)
+        beam_ix = ix // V
+        selected = ix % V
+        rows = (beam_ix + offsets * lp.shape[1]).reshape(-1)  # (B*b,) rows of the old state
+        if t > 0:
+            seqs = seqs.gather(1, beam_ix.unsqueeze(-1).expand_as(seqs))
+        seqs = torch.cat([seqs, selected.unsqueeze(-1)], -1)  # (B, b, t+1)
+        sums = prev.gather(1, beam_ix) + lp.reshape(batch_size, -1).gather(1, ix)  # (B, b)
+        decoder.reorder(rows)
+        ended = seqs[:, :, t] == eos_id  # (B, b)
+        if t == max_len - 1:
+            ended.fill_(True)
+        for b in range(batch_size):
+            for j in range(beam_size):
+                if ended[b, j]:
+                    done[b].append((float(sums[b, j]), seqs[b, j].clone()))
+        sums = sums - 1000.0 * ended.to(sums.dtype)
+        if t == max_len - 1:
+            break
+        logp = decoder.step(seqs[:, :, t].reshape(-1))  # (B*b, V)
+    results = []
+    for item in done:
+        best = sorted(item, key=lambda d: -d[0])[0][1].tolist()  # stable: first recorded wins ties
+        results.append(best[: best.index(eos_id)] if eos_id in best else best)
+    return results
+
+
+__all__ = ["Hypothesis", "IncrementalDecoder", "beam_search", "greedy_search", "reference_beam_search"]

@@ -118,6 +118,7 @@ def generate_split(
     precision: str = "fp32",
     max_batches: Optional[int] = None,
     progress: Optional[Any] = None,
+    decode: str = "cmn",
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Beam-search every study of ``loader``; returns (references, predictions) by study id.
 
@@ -133,7 +134,7 @@ def generate_split(
             break
         images = batch["images"].to(device)
         with autocast(device, precision):
-            seqs = model.generate(images, beam_size=beam_size, block_ngram=block_ngram)
+            seqs = model.generate(images, beam_size=beam_size, block_ngram=block_ngram, decode=decode)
         for sid, seq, tgt in zip(batch["ids"], seqs, batch["targets"]):
             predictions[sid] = tokenizer.decode(list(seq))
             references[sid] = tokenizer.decode(tgt[1:].tolist())  # skip BOS; decoding stops at EOS/pad

@@ -69,6 +69,7 @@ def generate_reports(
     batch_size: int = 8,
     device: Optional[torch.device] = None,
     max_len: Optional[int] = None,
+    decode: str = "cmn",
 ) -> list[str]:
     """One report per study; each study is a list of image paths (``num_views`` of them).
 
@@ -89,6 +90,6 @@ def generate_reports(
                 raise DataError(f"study {list(map(str, views))}: this model reads {num_views} view(s), got {len(views)}")
             batch.append(torch.stack([transform(load_image(v)) for v in views]))  # (V, 3, S, S)
         images = torch.stack(batch).to(device)  # (B, V, 3, S, S)
-        seqs = model.generate(images, beam_size=beam_size, block_ngram=block_ngram, max_len=max_len)
+        seqs = model.generate(images, beam_size=beam_size, block_ngram=block_ngram, max_len=max_len, decode=decode)
         reports.extend(model.tokenizer.decode(list(s)) for s in seqs)
     return reports

@@ -127,7 +127,7 @@ class _Run:
     def eval_kw(self) -> dict[str, Any]:
         t = self.train
         return dict(beam_size=t.beam_size, block_ngram=t.block_ngram, precision=t.precision,
-                    max_batches=t.eval_max_batches)
+                    max_batches=t.eval_max_batches, decode=t.decode)
 
 
 def run_training(
@@ -199,6 +199,11 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
             desc = ", ".join(f"{k}: {a!r} in the checkpoint vs {b!r} now" for k, (a, b) in sorted(differs.items()))
             raise ConfigError(f"--resume: {last_dir} was trained with other model settings ({desc})")
         model_cfg = replace(model_cfg, memory_impl=model_kwargs.get("memory_impl", model_cfg.memory_impl))
+    elif train.init_from:
+        tokenizer = ckpt.load_tokenizer(train.init_from)  # the vocabulary the weights were trained with
+        model_cfg = ModelConfig(vocab_size=len(tokenizer), **model_kwargs)
+        if tokenizer.dataset != rule:
+            log(f"note: {train.init_from} cleans reports with the {tokenizer.dataset} rule; this data uses {rule}")
     else:
         tokenizer = Tokenizer.build([s.report for s in splits["train"]], data.threshold, rule)
         model_cfg = ModelConfig(vocab_size=len(tokenizer), **model_kwargs)
@@ -233,7 +238,10 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     seed_everything(train.seed)
     model = build_model(model_cfg)
     model.visual.grad_checkpoint = train.checkpoint_visual
-    if trainer_state is None:
+    if train.init_from:
+        ckpt.load_state_into(model, train.init_from)
+        log(f"model initialised from {train.init_from}")
+    elif trainer_state is None:
         log(model.visual.load_pretrained(train.visual_weights))
     model.to(device)
     ve_params = list(model.visual.parameters())
@@ -243,6 +251,8 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
         [{"params": ve_params, "lr": train.lr_ve}, {"params": ed_params, "lr": train.lr_ed}],
         betas=train.adam_betas, eps=train.adam_eps, weight_decay=train.weight_decay, amsgrad=train.amsgrad,
     )
+    if train.init_from:
+        _load_optimizer_state(optimizer, train.init_from, log)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, train.step_size, train.gamma)
     net: torch.nn.Module = model
     if dist_info.world_size > 1:
@@ -268,6 +278,24 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     log(f"model: {model_cfg.variant} ({n_params / 1e6:.1f}M parameters, {model_cfg.visual_extractor}, "
         f"memory {model_cfg.memory_size}x{model_cfg.d_model} top-{model_cfg.topk}) on {device}")
     return run
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, bundle: str, log) -> None:
+    """Adam moments from a bundle that carries them (``cmn-convert --keep-optimizer``); the
+    hyperparameters (learning rates, betas, ...) stay this run's."""
+    from cmn import checkpoint as ckpt
+
+    saved = ckpt.load_state_tree(bundle, ckpt.OPTIMIZER_STATE)
+    if saved is None:
+        return
+    own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{bundle}: optimizer state does not fit this model ({e})") from None
+    for group, hyper in zip(optimizer.param_groups, own):
+        group.update(hyper)
+    log(f"optimizer state (Adam moments) loaded from {bundle}")
 
 
 def _fit(run: _Run, scorer) -> tuple[int, float]:
@@ -327,11 +355,18 @@ def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str,
 
     ckpt.load_state_into(run.model, run.best_dir)
     refs, preds = generate_split(run.model, run.eval_loaders["test"], run.tokenizer, run.device, **run.eval_kw)
-    test = score(refs, preds, clinical=run.clinical, scorer=scorer)
-    baseline_text = most_frequent_report([clean_report(s.report, run.data.clean_rule) for s in run.splits["train"]])
+    # Published protocol: references are the vocabulary-mapped targets cut to max_seq_length, as
+    # the reference scores them; "_full" scores use the whole cleaned report instead.
+    rule = run.tokenizer.dataset
+    full_refs = {s.id: clean_report(s.report, rule) for s in run.splits["test"] if s.id in refs}
+    baseline_text = most_frequent_report([clean_report(s.report, rule) for s in run.splits["train"]])
     # the baseline goes through the same vocabulary mapping as the model's output
     baseline_text = run.tokenizer.decode(run.tokenizer.encode(baseline_text)[1:])
-    baseline = score(refs, {k: baseline_text for k in refs}, clinical=run.clinical, scorer=scorer)
+    baseline_preds = {k: baseline_text for k in refs}
+    test = score(refs, preds, clinical=run.clinical, scorer=scorer)
+    test.update(_suffixed(score(full_refs, preds, clinical=run.clinical, scorer=scorer), "_full"))
+    baseline = score(refs, baseline_preds, clinical=run.clinical, scorer=scorer)
+    baseline.update(_suffixed(score(full_refs, baseline_preds, clinical=run.clinical, scorer=scorer), "_full"))
     result = {
         "val": run.best_val, "test": test, "baseline_test": baseline, "best_epoch": run.best_epoch,
         "epochs_run": epochs_run, "train_seconds": round(train_seconds, 1),
@@ -341,10 +376,15 @@ def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str,
     write_json(run.out_dir / "metrics.json", result)
     with open(run.out_dir / "test_predictions.jsonl", "w", encoding="utf-8") as f:
         for k in refs:
-            f.write(json.dumps({"id": k, "prediction": preds[k], "reference": refs[k]}) + "\n")
+            f.write(json.dumps({"id": k, "prediction": preds[k], "reference": refs[k],
+                                "reference_full": full_refs[k]}) + "\n")
     run.log(f"test BLEU-4 {test.get('BLEU_4', 0):.4f} (most-frequent-report baseline "
             f"{baseline.get('BLEU_4', 0):.4f}); wrote {run.out_dir / 'metrics.json'}")
     return result
+
+
+def _suffixed(scores: dict[str, float], suffix: str) -> dict[str, float]:
+    return {k + suffix: v for k, v in scores.items()}
 
 
 def _bar(total: int, desc: str, enabled: bool):

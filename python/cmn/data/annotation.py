@@ -34,9 +34,11 @@ class Study:
     image_paths: tuple[str, ...]
 
 
-def load_annotation(path: str | Path, splits: Sequence[str] = SPLITS) -> dict[str, list[Study]]:
+def load_annotation(path: str | Path, splits: Sequence[str] = SPLITS, *, images: bool = True
+                    ) -> dict[str, list[Study]]:
     """Read an R2Gen ``annotation.json`` and return ``{split: [Study, ...]}`` for ``splits``.
 
+    ``images=False`` (reports only, e.g. for scoring) lets entries lack ``image_path``.
     Reports are returned raw (uncleaned, possibly empty); see :func:`drop_empty_reports`.
     Raises DataError naming the file and the cause for every structural problem.
     """
@@ -49,7 +51,7 @@ def load_annotation(path: str | Path, splits: Sequence[str] = SPLITS) -> dict[st
         if split not in data:
             present = ", ".join(sorted(map(repr, data))) or "none"
             raise DataError(f"{path}: split {split!r} is missing (splits present: {present})")
-        result[split] = _parse_split(path, split, data[split])
+        result[split] = _parse_split(path, split, data[split], images)
     return result
 
 
@@ -72,7 +74,7 @@ def _read_json(path: Path) -> object:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
-def _parse_split(path: Path, split: str, entries: object) -> list[Study]:
+def _parse_split(path: Path, split: str, entries: object, images: bool = True) -> list[Study]:
     if not isinstance(entries, list):
         raise DataError(f"{path}: split {split!r} must be a list of entries, got {type(entries).__name__}")
     studies = []
@@ -81,12 +83,12 @@ def _parse_split(path: Path, split: str, entries: object) -> list[Study]:
         where = f"{path}: {split}[{i}]"
         if not isinstance(entry, dict):
             raise DataError(f"{where}: entry must be an object, got {type(entry).__name__}")
-        missing = [k for k in _REQUIRED_KEYS if k not in entry]
+        missing = [k for k in _REQUIRED_KEYS if k not in entry and (images or k != "image_path")]
         if missing and "id" in entry:
             where = f"{path}: {split}[{i}] (id {entry['id']!r})"
         if missing:
             raise DataError(f"{where}: entry lacks {', '.join(map(repr, missing))}")
-        study_id, report, image_paths = entry["id"], entry["report"], entry["image_path"]
+        study_id, report, image_paths = entry["id"], entry["report"], entry.get("image_path", [])
         if not isinstance(study_id, (str, int)) or isinstance(study_id, bool):
             raise DataError(f"{where}: 'id' must be a string, got {type(study_id).__name__}")
         study_id = str(study_id)

@@ -15,11 +15,15 @@ from typing import Sequence
 
 import numpy as np
 
-from cmn.cliutil import user_errors
+from cmn.cliutil import positive_int, user_errors
+from cmn.config import PRESETS
+from cmn.fsutil import write_atomic
 from cmn.errors import DataError
 from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS, UNCERTAIN_POLICIES, label_reports
 from cmn.metrics.evaluate import ce_flat, clinical_scores
 from cmn.metrics.nlg import NLGScorer, _as_coco
+
+REFERENCE_MODES = ("published", "full", "both")
 
 
 def _read_text(path: Path) -> str:
@@ -57,9 +61,12 @@ def _jsonl_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_predictions(path: Path, need_reference: bool) -> tuple[dict[str, str], dict[str, str]]:
-    """Read ``id``, ``prediction`` (and ``reference``) from a JSONL or CSV file."""
-    required = ("id", "prediction", "reference") if need_reference else ("id", "prediction")
+def read_predictions(path: Path, reference_fields: Sequence[str] = ("reference",)
+                     ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Read ``id``, ``prediction`` and the ``reference_fields`` from a JSONL or CSV file.
+
+    Returns (predictions by id, {field: texts by id})."""
+    required = ("id", "prediction", *reference_fields)
     if path.suffix.lower() == ".csv":
         rows = _csv_rows(path, required)
     else:
@@ -67,11 +74,13 @@ def read_predictions(path: Path, need_reference: bool) -> tuple[dict[str, str], 
     if not rows:
         raise DataError(f"{path}: no predictions (the file is empty)")
     preds: dict[str, str] = {}
-    refs: dict[str, str] = {}
+    refs: dict[str, dict[str, str]] = {f: {} for f in reference_fields}
     for n, row in enumerate(rows, 1):
         missing = [k for k in required if k not in row]
         if missing:
-            raise DataError(f"{path}: record {n} lacks field(s) {', '.join(missing)}")
+            hint = " (cmn-train writes it; pass --references published to score without it)" if (
+                "reference_full" in missing) else ""
+            raise DataError(f"{path}: record {n} lacks field(s) {', '.join(missing)}{hint}")
         key = str(row["id"])
         if key in preds:
             raise DataError(f"{path}: duplicate id {key!r} (record {n})")
@@ -79,28 +88,29 @@ def read_predictions(path: Path, need_reference: bool) -> tuple[dict[str, str], 
             if not isinstance(row[field], str):
                 raise DataError(f"{path}: record {n} ({key!r}): {field} must be text")
         preds[key] = row["prediction"]
-        if need_reference:
-            refs[key] = row["reference"]
+        for f in reference_fields:
+            refs[f][key] = row[f]
     return preds, refs
 
 
-def references_from_annotation(path: Path, split: str, dataset: str) -> dict[str, str]:
-    """Cleaned reference reports of one split of an R2Gen-style annotation.json."""
-    try:
-        ann = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(ann, dict) or split not in ann:
-        raise DataError(f"{path}: no split {split!r} (found: {', '.join(ann) if isinstance(ann, dict) else 'none'})")
-    from cmn.text import clean_reports  # lazy: native module
+def references_from_annotation(path: Path, split: str, dataset: str, *, full: bool, threshold: int = 0,
+                               max_seq_length: int = 0) -> dict[str, str]:
+    """Reference reports of one split of an R2Gen-style annotation.json.
 
-    ids, reports = [], []
-    for n, entry in enumerate(ann[split]):
-        if not isinstance(entry, dict) or "id" not in entry or "report" not in entry:
-            raise DataError(f"{path}: {split}[{n}] lacks 'id' or 'report'")
-        ids.append(str(entry["id"]))
-        reports.append(entry["report"])
-    return dict(zip(ids, clean_reports(reports, dataset)))
+    ``full``: the whole cleaned report. Otherwise the published protocol, as the reference code
+    and ``cmn-train`` score: the vocabulary is built from the annotation's train split with
+    ``threshold``, and each report is encoded, cut to ``max_seq_length`` tokens (BOS and EOS
+    included) and decoded back (out-of-vocabulary words become ``<unk>``)."""
+    from cmn.data.annotation import load_annotation
+    from cmn.text import Tokenizer, clean_reports  # lazy: native module
+
+    splits = load_annotation(path, ("train", split) if not full and split != "train" else (split,), images=False)
+    studies = splits[split]
+    if full:
+        return dict(zip((s.id for s in studies), clean_reports([s.report for s in studies], dataset)))
+    tok = Tokenizer.build([s.report for s in splits["train"]], threshold, dataset)
+    ids = tok.encode_batch([s.report for s in studies], max_seq_length)  # (n, L)
+    return {s.id: tok.decode(row[1:]) for s, row in zip(studies, ids)}
 
 
 def _fmt(value: float) -> str:
@@ -132,7 +142,14 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotation", type=Path, help="annotation.json to take (and clean) references from")
     p.add_argument("--split", default="test", help="annotation split with the references (default: test)")
     p.add_argument("--dataset", choices=("iu_xray", "mimic_cxr"), default="mimic_cxr",
-                   help="cleaning rules for annotation references (default: mimic_cxr)")
+                   help="cleaning rules, vocabulary threshold and max length for annotation references "
+                        "(default: mimic_cxr)")
+    p.add_argument("--references", choices=REFERENCE_MODES, default="published",
+                   help="published (default): references cut to max_seq_length tokens and mapped through the "
+                        "training vocabulary, as the reference code and the paper score; full: the whole cleaned "
+                        "report (scores get a _full suffix); both")
+    p.add_argument("--threshold", type=positive_int(), help="with --annotation: vocabulary threshold (IU 3, MIMIC 10)")
+    p.add_argument("--max-seq-length", type=positive_int(), help="with --annotation: tokens kept (IU 60, MIMIC 100)")
     p.add_argument("--output", type=Path, help="write all scores as JSON here")
     p.add_argument("--clinical", action=argparse.BooleanOptionalAction, default=True,
                    help="compute clinical efficacy with the built-in CheXpert-style labeler (default: on)")
@@ -144,20 +161,60 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    preds, refs = read_predictions(args.predictions, need_reference=args.annotation is None)
+    modes = ("published", "full") if args.references == "both" else (args.references,)
+    fields = {"published": "reference", "full": "reference_full"}
+    preds, from_file = read_predictions(args.predictions, () if args.annotation else [fields[m] for m in modes])
     if args.annotation is not None:
-        refs = references_from_annotation(args.annotation, args.split, args.dataset)
-        unknown = [k for k in preds if k not in refs]
+        from cmn.data.annotation import load_annotation
+
+        known = {s.id for s in load_annotation(args.annotation, (args.split,), images=False)[args.split]}
+        unknown = [k for k in preds if k not in known]
         if unknown:
             raise DataError(
                 f"{args.predictions}: {len(unknown)} id(s) not in split {args.split!r} of {args.annotation} "
                 f"(e.g. {unknown[0]!r})"
             )
-        refs = {k: refs[k] for k in preds}
-    try:
-        _as_coco(refs, preds)
-    except DataError as exc:
-        raise DataError(f"{args.predictions}: {exc}") from None
+    references: dict[str, dict[str, str]] = {}
+    for mode in modes:
+        if args.annotation is None:
+            refs = from_file[fields[mode]]
+        else:
+            preset = PRESETS[args.dataset].data
+            refs = references_from_annotation(
+                args.annotation, args.split, args.dataset, full=mode == "full",
+                threshold=args.threshold or preset["threshold"],
+                max_seq_length=args.max_seq_length or preset["max_seq_length"])
+            refs = {k: refs[k] for k in preds}
+        try:
+            _as_coco(refs, preds)
+        except DataError as exc:
+            raise DataError(f"{args.predictions}: {exc}") from None
+        references[mode] = refs
+    scores: dict = {}
+    ce = None
+    for mode, refs in references.items():
+        suffix = "" if mode == "published" else "_full"
+        part, part_ce = _score(args, refs, preds)
+        scores.update({k + suffix: v for k, v in part.items()})
+        ce = part_ce if ce is None else ce
+    print(format_table(scores, ce))
+    if args.output is not None:
+        payload = {
+            "n": len(preds), "references": args.references,
+            "scores": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()},
+        }
+        if ce is not None:
+            payload["clinical"] = {"uncertain": args.uncertain, **ce}
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"{args.output}: cannot write ({exc.strerror or exc})") from None
+        write_atomic(args.output, json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _score(args: argparse.Namespace, refs: dict[str, str], preds: dict[str, str]) -> tuple[dict, dict | None]:
+    """NLG scores (and CE) of one reference set; CE details for the table."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with NLGScorer(meteor=args.meteor) as scorer:
@@ -168,20 +225,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.clinical:
         ce = clinical_scores(refs, preds, uncertain=args.uncertain)
         scores.update(ce_flat(ce))
-    print(format_table(scores, ce))
-    if args.output is not None:
-        payload = {
-            "n": len(preds),
-            "scores": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()},
-        }
-        if ce is not None:
-            payload["clinical"] = {"uncertain": args.uncertain, **ce}
-        try:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise DataError(f"{args.output}: cannot write ({exc.strerror or exc})") from None
-    return 0
+    return scores, ce
 
 
 @user_errors

@@ -108,7 +108,7 @@ class CMN(nn.Module):
         """Teacher forcing.
 
         images (B, V, 3, S, S) float; targets (B, T) int64 = [0, w1, ..., 0, pad...].
-        Returns log-probabilities (B, T-1, vocab) fp32 for targets[:, 1:].
+        Returns log-probabilities (B, T-1, vocab) for targets[:, 1:]: fp32 (fp64 for an fp64 model).
         """
         visual_kv, text_kv = self.memory_kv()
         memory = self.encode(images, visual_kv)  # (B, S, D)
@@ -117,7 +117,7 @@ class CMN(nn.Module):
         keys_visible[:, 0] = True  # BOS shares id 0 with padding
         tgt_mask = keys_visible.unsqueeze(1) & subsequent_mask(seq.shape[1], seq.device)  # (B, T-1, T-1)
         h = self.decoder(self.embed_tokens(seq, text_kv), memory, None, tgt_mask)  # (B, T-1, D)
-        return F.log_softmax(self.logit(h).float(), dim=-1)
+        return _log_softmax(self.logit(h))
 
     # ---- generation ---------------------------------------------------------------------
     def start_decoding(self, images: torch.Tensor, rows_per_study: int = 1, *, reference: bool = False):
@@ -142,16 +142,26 @@ class CMN(nn.Module):
         max_len: Optional[int] = None,
         block_ngram: int = 0,
         length_penalty: float = 0.0,
+        decode: str = "cmn",
     ) -> list[list[int]]:
         """images (B, V, 3, S, S) -> one token-id list per study (no BOS/EOS), beam search
-        (``beam_size`` 1 = greedy). Puts the model in eval mode for the call."""
-        from cmn.decode import beam_search, greedy_search
+        (``beam_size`` 1 = greedy). Puts the model in eval mode for the call.
+
+        ``decode="reference"`` runs the reference code's beam search step for step
+        (:func:`cmn.decode.reference_beam_search`; beam_size >= 2, no blocking or penalty)."""
+        from cmn.decode import beam_search, greedy_search, reference_beam_search
 
         was_training = self.training
         self.eval()
         try:
             B = images.shape[0]
             max_len = max_len or self.cfg.max_seq_length
+            if decode == "reference":
+                if block_ngram or length_penalty:
+                    raise ValueError("decode='reference' has no n-gram blocking or length penalty")
+                return reference_beam_search(self.start_decoding(images, 1), B, beam_size, max_len)
+            if decode != "cmn":
+                raise ValueError(f"decode must be 'cmn' or 'reference', got {decode!r}")
             if beam_size == 1 and not block_ngram:
                 return greedy_search(self.start_decoding(images, 1), B, max_len)
             hyps = beam_search(
@@ -177,7 +187,7 @@ class _CachedDecoder:
         x = self.model.embed_tokens(tokens.unsqueeze(1), self.text_kv, offset=self.t)  # (R, 1, D)
         h = self.model.decoder.step(x, self.caches, None)  # (R, 1, D)
         self.t += 1
-        return F.log_softmax(self.model.logit(h[:, 0]).float(), dim=-1)
+        return _log_softmax(self.model.logit(h[:, 0]))
 
     def reorder(self, index: torch.Tensor) -> None:
         for c in self.caches:
@@ -200,11 +210,16 @@ class _FullRedecoder:
         T = self.prefix.shape[1]
         x = self.model.embed_tokens(self.prefix, text_kv)
         h = self.model.decoder(x, self.memory, None, subsequent_mask(T, x.device))  # (R, t, D)
-        return F.log_softmax(self.model.logit(h[:, -1]).float(), dim=-1)
+        return _log_softmax(self.model.logit(h[:, -1]))
 
     def reorder(self, index: torch.Tensor) -> None:
         self.prefix = self.prefix.index_select(0, index)
         self.memory = self.memory.index_select(0, index)
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities in fp32 at least (bf16/fp16 logits under autocast), fp64 for fp64 models."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def _xavier(module: nn.Module) -> None:

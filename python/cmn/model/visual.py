@@ -22,6 +22,8 @@ _TORCHVISION_WEIGHTS = {
     "resnet101": "ResNet101_Weights",
     "resnet50": "ResNet50_Weights",
     "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet152": "ResNet152_Weights",
 }
 
 
