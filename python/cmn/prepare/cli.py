@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from cmn.cliutil import nonneg_int, user_errors
 from cmn.errors import ConfigError
 from cmn.prepare import iu_xray, mimic_cxr, table
-from cmn.prepare.common import check_output, print_lines
+from cmn.prepare.common import SECTIONS, check_output, print_lines
 
 
 def _fraction(text: str) -> float:
@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     splitting.add_argument("--split-fractions", type=_fraction, nargs=3, default=[0.7, 0.1, 0.2],
                            metavar=("TRAIN", "VAL", "TEST"), help="fractions of the drawn split (default 0.7 0.1 0.2)")
     sections = argparse.ArgumentParser(add_help=False)
-    sections.add_argument("--section", choices=iu_xray.SECTIONS, default="findings",
+    sections.add_argument("--section", choices=SECTIONS, default="findings",
                           help="report text: findings (default, as published), impression, or both")
     sections.add_argument("--impression-fallback", action="store_true",
                           help="with --section findings: a report without findings uses its impression")

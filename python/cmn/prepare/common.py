@@ -32,6 +32,7 @@ IMAGES = "images"
 DROPPED = "dropped.tsv"
 _MAX_WARNINGS = 20  # warnings printed one by one; the rest are counted
 _STALE_TMP_S = 3600.0
+SECTIONS = ("findings", "impression", "both")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val",
                  "test": "test"}
 
@@ -96,6 +97,13 @@ class Tally:
         if total_kept and empty:
             lines.append(f"warning: split(s) {', '.join(empty)} are empty; cmn-train needs studies in every split")
         return lines
+
+
+def missing_text_reason(section: str, impression_fallback: bool) -> str:
+    """Why a report without text for ``--section`` is dropped."""
+    if section == "findings":
+        return "no findings or impression" if impression_fallback else "no findings"
+    return "no impression" if section == "impression" else "no findings or impression"
 
 
 # ---- splits ---------------------------------------------------------------------------------
@@ -246,17 +254,22 @@ def link_images(folder: Path, image_root: Path) -> None:
 
 
 class AnnotationWriter:
-    """Writes ``annotation.json`` entry by entry, with bounded memory.
+    """Writes ``annotation.json`` entry by entry, with bounded memory; a context manager.
 
     Entries arrive in any split order; each split goes to its own part file and the parts are
     joined into one R2Gen JSON object (``{"train": [...], "val": [...], "test": [...]}``,
-    one entry per line, keys sorted) when the writer closes.
+    one entry per line, keys sorted) when the block ends without an error.
     """
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.counts = Counter()
-        self._parts = {s: open(folder / f".{s}.part", "w", encoding="utf-8") for s in SPLITS}
+        self.counts: Counter[str] = Counter()
+        self._parts: dict[str, IO[str]] = {}
+        for s in SPLITS:
+            self._parts[s] = open(folder / f".{s}.part", "w", encoding="utf-8")
+
+    def __enter__(self) -> "AnnotationWriter":
+        return self
 
     def add(self, entry: Mapping) -> None:
         split = entry["split"]
@@ -266,21 +279,24 @@ class AnnotationWriter:
         f.write(json.dumps(entry, sort_keys=True, ensure_ascii=False))
         self.counts[split] += 1
 
-    def close(self) -> Path:
-        target = self.folder / ANNOTATION
-        with open(target, "w", encoding="utf-8") as out:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for part in self._parts.values():
+            part.close()
+        if exc_type is None:
+            self._join()
+        for part in self._parts.values():
+            os.unlink(part.name)
+
+    def _join(self) -> None:
+        with open(self.folder / ANNOTATION, "w", encoding="utf-8") as out:
             out.write("{")
             for i, split in enumerate(SPLITS):
-                part = self._parts[split]
-                part.close()
                 out.write(f'{"," if i else ""}\n"{split}": [\n')
-                with open(part.name, encoding="utf-8") as f:
+                with open(self._parts[split].name, encoding="utf-8") as f:
                     while chunk := f.read(1 << 20):
                         out.write(chunk)
-                os.unlink(part.name)
                 out.write("\n]")
             out.write("\n}\n")
-        return target
 
 
 # ---- --check -------------------------------------------------------------------------------

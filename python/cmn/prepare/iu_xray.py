@@ -38,11 +38,11 @@ from cmn.data.annotation import is_empty_report
 from cmn.errors import DataError
 from cmn.fsutil import folder_writer
 from cmn.prepare.common import (
-    IMAGES, AnnotationWriter, SplitFrom, Tally, check_output_target, progress, read_split_from, seeded_split,
+    IMAGES, AnnotationWriter, SplitFrom, Tally, check_output_target, missing_text_reason, progress, read_split_from,
+    seeded_split,
 )
 
 NUM_VIEWS = 2
-SECTIONS = ("findings", "impression", "both")
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 _NUMBER = re.compile(r"(\d+)\.xml$")
 
@@ -104,12 +104,6 @@ def report_text(report: OpenIReport, section: str, impression_fallback: bool = F
     if section == "impression":
         return impression
     return " ".join(t for t in (findings, impression) if t)
-
-
-def missing_text_reason(section: str, impression_fallback: bool) -> str:
-    if section == "findings":
-        return "no findings or impression" if impression_fallback else "no findings"
-    return "no impression" if section == "impression" else "no findings or impression"
 
 
 def study_id(image_ids: Sequence[str]) -> str:
@@ -295,25 +289,24 @@ def prepare(opts: IUOptions) -> list[str]:
             studies.sort(key=lambda s: split_from.position[s.id])
         else:
             split = seeded_split((s.id for s in studies), opts.seed, opts.fractions)
-        writer = AnnotationWriter(tmp)
-        n_written = 0
-        # an image a second study also uses is copied; its last use moves a staged file
-        uses = Counter(i for s in studies for i in s.images)
-        staged = not opts.images.is_dir()
-        for study in progress(studies, enabled=opts.progress, desc="images", unit=" studies"):
-            folder = tmp / IMAGES / study.id
-            folder.mkdir(parents=True)
-            for k, image_id in enumerate(study.images):
-                uses[image_id] -= 1
-                if staged and not uses[image_id]:
-                    os.replace(sources[image_id], folder / f"{k}.png")
-                else:
-                    shutil.copyfile(sources[image_id], folder / f"{k}.png")
-                n_written += 1
-            writer.add(study.entry(split[study.id]))
-            tally.keep(split[study.id])
-        (tmp / IMAGES).mkdir(exist_ok=True)
-        writer.close()
+        with AnnotationWriter(tmp) as writer:
+            n_written = 0
+            # an image a second study also uses is copied; its last use moves a staged file
+            uses = Counter(i for s in studies for i in s.images)
+            staged = not opts.images.is_dir()
+            for study in progress(studies, enabled=opts.progress, desc="images", unit=" studies"):
+                folder = tmp / IMAGES / study.id
+                folder.mkdir(parents=True)
+                for k, image_id in enumerate(study.images):
+                    uses[image_id] -= 1
+                    if staged and not uses[image_id]:
+                        os.replace(sources[image_id], folder / f"{k}.png")
+                    else:
+                        shutil.copyfile(sources[image_id], folder / f"{k}.png")
+                    n_written += 1
+                writer.add(study.entry(split[study.id]))
+                tally.keep(split[study.id])
+            (tmp / IMAGES).mkdir(exist_ok=True)
         tally.write_dropped(tmp / "dropped.tsv")
         shutil.rmtree(tmp / ".staging", ignore_errors=True)
 

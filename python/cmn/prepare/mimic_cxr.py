@@ -34,10 +34,9 @@ from cmn.data.annotation import is_empty_report
 from cmn.errors import DataError
 from cmn.fsutil import folder_writer
 from cmn.prepare.common import (
-    IMAGES, AnnotationWriter, Tally, check_output_target, count_csv_rows, link_images, progress, read_csv,
-    split_value,
+    IMAGES, AnnotationWriter, Tally, check_output_target, count_csv_rows, link_images, missing_text_reason, progress,
+    read_csv, split_value,
 )
-from cmn.prepare.iu_xray import missing_text_reason
 
 NUM_VIEWS = 1
 _HEADER = re.compile(r"\n ([A-Z ()/,-]+):\s")
@@ -239,38 +238,38 @@ def prepare(opts: MimicOptions) -> list[str]:
 
     try:
         with folder_writer(opts.output, replace=opts.force) as tmp:
-            writer = AnnotationWriter(tmp)
-            rows = read_csv(opts.split, ["dicom_id", "study_id", "subject_id", "split"])
-            total = count_csv_rows(opts.split) if opts.progress else None
-            for line, row in progress(rows, enabled=opts.progress, desc="images", total=total, unit=" images"):
-                dicom, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
-                where = f"{opts.split}: line {line}"
-                if not (study.isdigit() and subject.isdigit() and dicom):
-                    raise DataError(f"{where}: dicom_id, study_id and subject_id must be set, the ids numbers")
-                split = split_value(row["split"], where)
-                rel = f"p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
-                if views is not None:
-                    view = views.get(dicom)
-                    if view is None:
-                        tally.drop(rel, "not in --metadata")
+            with AnnotationWriter(tmp) as writer:
+                rows = read_csv(opts.split, ["dicom_id", "study_id", "subject_id", "split"])
+                total = count_csv_rows(opts.split) if opts.progress else None
+                for line, row in progress(rows, enabled=opts.progress, desc="images", total=total, unit=" images"):
+                    dicom, study, subject = row["dicom_id"].strip(), row["study_id"].strip(), row["subject_id"].strip()
+                    where = f"{opts.split}: line {line}"
+                    if not (study.isdigit() and subject.isdigit() and dicom):
+                        raise DataError(f"{where}: dicom_id, study_id and subject_id must be set, the ids numbers")
+                    split = split_value(row["split"], where)
+                    rel = f"p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
+                    if views is not None:
+                        view = views.get(dicom)
+                        if view is None:
+                            tally.drop(rel, "not in --metadata")
+                            continue
+                        if view not in opts.views:
+                            tally.drop(rel, f"view {view or '(none)'} not in --views")
+                            continue
+                    if study != last_study:
+                        last_study, last_report = study, study_report(subject, study)
+                    text, reason = last_report
+                    if reason:
+                        tally.drop(rel, reason)
                         continue
-                    if view not in opts.views:
-                        tally.drop(rel, f"view {view or '(none)'} not in --views")
+                    if not (root / rel).is_file():
+                        tally.warn("image files not found", f"--images {root}: {rel} not found")
+                        tally.drop(rel, "missing image")
                         continue
-                if study != last_study:
-                    last_study, last_report = study, study_report(subject, study)
-                text, reason = last_report
-                if reason:
-                    tally.drop(rel, reason)
-                    continue
-                if not (root / rel).is_file():
-                    tally.drop(rel, "missing image")
-                    continue
-                writer.add({"id": dicom, "study_id": int(study), "subject_id": int(subject), "report": text,
-                            "image_path": [rel], "split": split})
-                tally.keep(split)
-                studies_kept.add(study)
-            writer.close()
+                    writer.add({"id": dicom, "study_id": int(study), "subject_id": int(subject), "report": text,
+                                "image_path": [rel], "split": split})
+                    tally.keep(split)
+                    studies_kept.add(study)
             link_images(tmp, root)
             tally.write_dropped(tmp / "dropped.tsv")
     finally:

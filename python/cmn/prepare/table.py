@@ -136,16 +136,15 @@ def prepare(opts: TableOptions) -> list[str]:
     drawn = seeded_split((r.id for r in kept), opts.seed, opts.fractions) if not split_column else {}
 
     with folder_writer(opts.output, replace=opts.force) as tmp:
-        writer = AnnotationWriter(tmp)
-        for row in kept:
-            split = row.split or drawn[row.id]
-            writer.add({"id": row.id, "report": row.report, "image_path": list(row.images), "split": split})
-            tally.keep(split)
-            if opts.copy_images:
-                for rel in row.images:
-                    (tmp / IMAGES / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(opts.image_root / rel, tmp / IMAGES / rel)
-        writer.close()
+        with AnnotationWriter(tmp) as writer:
+            for row in kept:
+                split = row.split or drawn[row.id]
+                writer.add({"id": row.id, "report": row.report, "image_path": list(row.images), "split": split})
+                tally.keep(split)
+                if opts.copy_images:
+                    for rel in row.images:
+                        (tmp / IMAGES / rel).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(opts.image_root / rel, tmp / IMAGES / rel)
         if opts.copy_images:
             (tmp / IMAGES).mkdir(exist_ok=True)
         else:
