@@ -68,7 +68,7 @@ def test_golden_output_with_a_split_column(images, tmp_path, capsys):
     assert (out / "images").resolve() == images.resolve()
     assert sum(len(v) for v in load_annotation(out / "annotation.json").values()) == 3
     code, stdout, _ = run(["csv", "--check", "--output", str(out)], capsys)
-    assert code == 0 and "ok: train 1, val 1, test 1 studies, 6 image files" in stdout
+    assert code == 0 and "ok: train 1, val 1, test 1 entries, 6 image files" in stdout
 
 
 def test_seeded_split_columns_copy_and_gzip(images, tmp_path, capsys):

@@ -41,6 +41,9 @@ def fixture_reports() -> list[Report]:
 
 
 BROKEN_XML = b'<?xml version="1.0" encoding="utf-8"?>\n<eCitation><MedlineCitation>\n'
+# declared UTF-8, written in Latin-1
+LATIN1_XML = report_xml(Report(18, "Caf\u00e9 au lait spots.", image_ids=["CXR18_IM-0001-1001"])).replace(
+    "Caf\u00e9".encode(), b"Caf\xe9")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,8 @@ def openi(tmp_path_factory):
         "root": root,
         "images": images,
         "reports_tgz": write_reports_tgz(root / "NLMCXR_reports.tgz", reports,
-                                         extra={"ecgen-radiology/17.xml": BROKEN_XML}),
+                                         extra={"ecgen-radiology/17.xml": BROKEN_XML,
+                                                "ecgen-radiology/18.xml": LATIN1_XML}),
         "png_tgz": write_images_tgz(root / "NLMCXR_png.tgz", images),
     }
 
@@ -121,19 +125,20 @@ def test_golden_output(openi, tmp_path, capsys):
     # dropped, with reasons, on screen and in dropped.tsv
     dropped = (out / "dropped.tsv").read_text().splitlines()
     assert dropped == ["name\treason", "ecgen-radiology/17.xml\tunreadable report",
-                       "ecgen-radiology/3.xml\tno findings", "ecgen-radiology/4.xml\tfewer than 2 images",
+                       "ecgen-radiology/18.xml\tunreadable report", "ecgen-radiology/3.xml\tno findings", "ecgen-radiology/4.xml\tfewer than 2 images",
                        "ecgen-radiology/5.xml\tmissing image"]
     assert "iu_xray: kept 13 studies (train 9, val 1, test 3)" in stdout
-    assert "dropped 4 studies:" in stdout
+    assert "dropped 5 studies:" in stdout
     assert "note: 1 studies with more than 2 images" in stdout
-    assert "read 17 report files and 32 images" in stdout
+    assert "read 18 report files and 32 images" in stdout
     assert "ecgen-radiology/17.xml: XML does not parse" in stderr
     assert "CXR5_IM-2117-2001.png not found" in stderr
-    assert "warnings: 1 unreadable report files" in stdout
+    assert "ecgen-radiology/18.xml: XML does not parse (not well-formed (invalid token)" in stderr
+    assert "warnings: 2 unreadable report files" in stdout
     # cmn's own loader accepts it, and --check agrees
     assert sum(len(v) for v in load_annotation(out / "annotation.json").values()) == 13
     code, stdout, _ = run(["iu_xray", "--check", "--output", str(out)], capsys)
-    assert code == 0 and "ok: train 9, val 1, test 3 studies, 26 image files" in stdout
+    assert code == 0 and "ok: train 9, val 1, test 3 entries, 26 image files" in stdout
 
 
 def test_folders_give_the_same_output(openi, tmp_path, capsys):

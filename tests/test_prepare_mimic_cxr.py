@@ -124,7 +124,7 @@ def test_golden_output(mimic, tmp_path, capsys):
     assert (out / "images").resolve() == (files.images / "files").resolve()
     assert sum(len(v) for v in load_annotation(out / "annotation.json").values()) == 6
     code, stdout, _ = run(["mimic_cxr", "--check", "--output", str(out)], capsys)
-    assert code == 0 and "ok: train 2, val 1, test 3 studies, 6 image files" in stdout
+    assert code == 0 and "ok: train 2, val 1, test 3 entries, 6 image files" in stdout
 
 
 def test_views_and_fallback(mimic, tmp_path, capsys):

@@ -7,6 +7,11 @@
 - ``mimic-cxr-2.0.0-split.csv.gz`` (dicom_id, study_id, subject_id, split) and
   ``mimic-cxr-2.0.0-metadata.csv.gz`` (the real columns, ViewPosition among them);
 - MIMIC-CXR-JPG images: ``files/p10/p10000032/s50414267/<dicom_id>.jpg``.
+
+Run as a module, it writes a synthetic download of MIMIC-CXR's full size (227,835 reports,
+377,110 images) to measure cmn-prepare's time and memory (docs/data.md):
+
+    python -m tests.helpers.mimic OUT_DIR
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import csv
 import gzip
 import hashlib
 import io
+import random
+import sys
 import textwrap
 import zipfile
 from dataclasses import dataclass, field
@@ -126,3 +133,32 @@ def write_mimic(root: Path, studies: list[Study]) -> MimicFiles:
                       _gz_csv(root / "mimic-cxr-2.0.0-split.csv.gz", SPLIT_COLUMNS, split_rows),
                       _gz_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, meta_rows),
                       images)
+
+
+_SENTENCES = ["The lungs are clear.", "No pleural effusion or pneumothorax.", "Heart size is normal.",
+              "Mild cardiomegaly.", "Bibasilar atelectasis.", "Right internal jugular line ends in the SVC."]
+
+
+def synthetic_studies(n_studies: int = 227835, n_images: int = 377110, seed: int = 0) -> list[Study]:
+    """Studies shaped like MIMIC-CXR's: three per subject, one or two images each, two thirds
+    of the reports with a findings section, about 1.4% test and 0.9% validate."""
+    rng = random.Random(seed)
+    studies, extra = [], n_images - n_studies
+    for i in range(n_studies):
+        sections = [("EXAMINATION", "CHEST (PA AND LAT)"), ("INDICATION", "___ with cough")]
+        if rng.random() < 0.68:
+            sections.append(("FINDINGS", " ".join(rng.choice(_SENTENCES) for _ in range(rng.randint(3, 9)))))
+        sections.append(("IMPRESSION", rng.choice(_SENTENCES)))
+        two = extra > 0 and rng.random() < 0.66
+        extra -= two
+        split = "test" if i % 70 == 0 else "validate" if i % 113 == 0 else "train"
+        studies.append(Study(10000001 + i // 3, 50000001 + i, split, ["PA", "LATERAL"][: 1 + two],
+                             report(*sections)))
+    return studies
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    files = write_mimic(Path(sys.argv[1]), synthetic_studies())
+    print("\n".join(map(str, (files.reports, files.split, files.metadata, files.images))))

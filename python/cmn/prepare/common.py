@@ -341,7 +341,7 @@ def check_output(out: Path, num_views: int, *, enabled_progress: bool = False) -
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
         raise DataError(f"{ann}: {len(problems)} problem(s): {shown}")
     counts = ", ".join(f"{s} {len(studies[s])}" for s in SPLITS)
-    return [f"{ann}: ok: {counts} studies, {n_images} image files found under {image_dir}"]
+    return [f"{ann}: ok: {counts} entries, {n_images} image files found under {image_dir}"]
 
 
 def print_lines(lines: Iterable[str]) -> None:
