@@ -7,7 +7,7 @@ import pytest
 from cmn.data.annotation import load_annotation
 from cmn.prepare.cli import main
 from cmn.prepare.table import relative_to_root
-from tests.helpers.openi import png_bytes
+from helpers.openi import png_bytes
 
 
 @pytest.fixture

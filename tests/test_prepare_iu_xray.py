@@ -9,7 +9,7 @@ import pytest
 from cmn.data.annotation import load_annotation
 from cmn.prepare.cli import main
 from cmn.prepare.iu_xray import parse_report, study_id
-from tests.helpers.openi import Report, images_for, png_bytes, report_xml, write_images_tgz, write_reports_tgz
+from helpers.openi import Report, images_for, png_bytes, report_xml, write_images_tgz, write_reports_tgz
 
 FINDINGS = {
     1: "The cardiac silhouette and mediastinum size are within normal limits. There is no focal consolidation.",

@@ -8,7 +8,7 @@ import pytest
 from cmn.data.annotation import load_annotation
 from cmn.prepare.cli import main
 from cmn.prepare.mimic_cxr import report_text, section_name, split_sections
-from tests.helpers.mimic import Study, dicom_id, report, write_mimic
+from helpers.mimic import Study, dicom_id, report, write_mimic
 
 F1 = ("There is no focal consolidation, pleural effusion or pneumothorax. The cardiomediastinal silhouette is "
       "normal. Surgical clips project over the right upper quadrant. Mild degenerative changes of the spine.")

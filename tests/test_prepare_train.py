@@ -5,7 +5,7 @@ import pytest
 
 from cmn.cli import train_main
 from cmn.prepare.cli import main as prepare_main
-from tests.helpers.openi import Report, images_for, write_images_tgz, write_reports_tgz
+from helpers.openi import Report, images_for, write_images_tgz, write_reports_tgz
 
 TINY_MODEL = ["--image-size", "64", "--batch-size", "4", "--num-workers", "0", "--d-model", "32", "--d-ff", "32",
               "--num-heads", "4", "--num-layers", "1", "--memory-size", "32", "--topk", "4", "--epochs", "1",
