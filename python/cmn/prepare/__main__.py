@@ -1,0 +1,5 @@
+import sys
+
+from cmn.prepare.cli import main
+
+sys.exit(main())
