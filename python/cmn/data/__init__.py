@@ -1,22 +1,28 @@
-"""Data: R2Gen annotation files, images and transforms, the dataset, the image cache, demo data."""
-from cmn.data.annotation import SPLITS, Study, drop_empty_reports, is_empty_report, load_annotation
-from cmn.data.cache import ImageCache
-from cmn.data.dataset import ReportDataset, collate
-from cmn.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, build_transform, load_image, resize_size
+"""Data: R2Gen annotation files, images and transforms, the dataset, the image cache, demo data.
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "SPLITS",
-    "ImageCache",
-    "ImageTransform",
-    "ReportDataset",
-    "Study",
-    "build_transform",
-    "collate",
-    "drop_empty_reports",
-    "is_empty_report",
-    "load_annotation",
-    "load_image",
-    "resize_size",
-]
+Names are imported on first use (PEP 562), so ``cmn.data.annotation`` alone does not pull in
+torch and torchvision (``cmn-prepare`` and ``cmn-eval`` start faster and smaller).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "SPLITS": "annotation", "Study": "annotation", "drop_empty_reports": "annotation",
+    "is_empty_report": "annotation", "load_annotation": "annotation",
+    "ImageCache": "cache",
+    "ReportDataset": "dataset", "collate": "dataset",
+    "IMAGENET_MEAN": "images", "IMAGENET_STD": "images", "ImageTransform": "images", "build_transform": "images",
+    "load_image": "images", "resize_size": "images",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'cmn.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"cmn.data.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
