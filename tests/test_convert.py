@@ -258,3 +258,27 @@ def test_backbone_inferred_from_key_structure():
         assert infer_backbone(state, "x") == name
     with pytest.raises(CheckpointError, match="not a torchvision ResNet"):
         infer_backbone({"visual_extractor.model.0.weight": torch.zeros(1), "visual_extractor.model.4.0.x": 0}, "x")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_published_model_pipeline(dataset, converted, capsys, tmp_path):
+    """convert -> cmn-generate --annotation (reports and published-protocol references equal the
+    reference code's) -> cmn-eval scores the file."""
+    from cmn.cli import generate_main
+    from cmn.metrics.cli import eval_main
+
+    bundle, images, ann, _ = converted[dataset]
+    record, _ = reference(dataset)
+    assert generate_main(["--checkpoint", str(bundle), "--annotation", str(FIXTURE_DIR / dataset / "annotation.json"),
+                          "--image-dir", str(images), "--split", "test", "--decode", "reference", "--format", "jsonl",
+                          "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in rows] == [e["id"] for e in ann["test"]]  # the reference's test order
+    assert [r["prediction"] for r in rows] == record["beam3_reports"]
+    assert [r["reference"] for r in rows] == record["ground_truths"]
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.json"
+    assert eval_main(["--predictions", str(preds), "--references", "both", "--no-meteor", "--output", str(out)]) == 0
+    scores = json.loads(out.read_text())["scores"]
+    assert {"BLEU_4", "BLEU_4_full", "CE_F1", "CE_F1_full"} <= set(scores)

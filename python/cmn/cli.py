@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from cmn.config import (
-    ARCHITECTURE_FIELDS, DATASETS, DECODINGS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
+    ARCHITECTURE_FIELDS, DATASETS, DECODINGS, MAX_BEAM, MAX_TOKENS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
     DataConfig, ModelConfig, TrainConfig,
 )
-from cmn.cliutil import user_errors
+from cmn.cliutil import nonneg_int, positive_int, user_errors
 from cmn.errors import CMNError, ConfigError
 
 
@@ -178,29 +179,31 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder written by cmn-train (RUN/checkpoint)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders")
     p.add_argument("--list", dest="list_file", help="text file: one study per line, its image paths separated by spaces")
+    p.add_argument("--annotation", type=Path,
+                   help="annotation.json: generate for every study of --split (images under --image-dir); jsonl "
+                        "records then carry the references too, ready for cmn-eval")
+    p.add_argument("--image-dir", type=Path, help="with --annotation: folder its image paths are relative to")
+    p.add_argument("--split", default="test", help="with --annotation: which split (default test)")
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--block-ngram", type=int, default=0, help="forbid repeating any n-gram (0 = off)")
+    p.add_argument("--beam-size", type=positive_int(MAX_BEAM), default=3)
+    p.add_argument("--block-ngram", type=nonneg_int(1000), default=0, help="forbid repeating any n-gram (0 = off)")
     p.add_argument("--decode", choices=DECODINGS, default="cmn",
                    help="beam search: cmn (default: refills beams, stops when no beam can win) or reference (the "
                         "reference code's, step for step; for identical outputs from converted checkpoints)")
-    p.add_argument("--max-len", type=int, help="maximum generated tokens (default: the model's max_seq_length)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=positive_int(MAX_TOKENS),
+                   help="maximum generated tokens (default: the model's max_seq_length)")
+    p.add_argument("--batch-size", type=positive_int(100_000), default=8)
     p.add_argument("--device", default="auto")
     return p
 
 
 @user_errors
 def generate_main(argv: Optional[Sequence[str]] = None) -> int:
-    from pathlib import Path
-
     from cmn.checkpoint import load_checkpoint
     from cmn.inference import generate_reports, group_studies
     from cmn.runtime import select_device
 
     args = generate_parser().parse_args(argv)
-    if args.beam_size < 1:
-        raise CMNError(f"--beam-size must be >= 1, got {args.beam_size}")
     if args.decode == "reference" and (args.beam_size < 2 or args.block_ngram):
         raise CMNError("--decode reference needs --beam-size >= 2 and no --block-ngram (the reference samples at "
                        "random with beam 1, and its trigram blocking does nothing with beams)")
@@ -224,17 +227,47 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
                 studies.extend(group_studies(paths, num_views))
             except CMNError as e:
                 raise CMNError(f"--list {args.list_file}, line {n}: {e}") from None
+    references: dict[str, dict[str, str]] = {}
+    if args.annotation is not None:
+        found, references = _annotation_studies(args.annotation, args.image_dir, args.split, model, num_views)
+        studies.extend(found)
     if not studies:
-        raise CMNError("no studies given: pass IMAGE paths or folders, or --list FILE")
+        raise CMNError("no studies given: pass IMAGE paths or folders, --list FILE or --annotation FILE")
     reports = generate_reports(model, [views for _, views in studies], beam_size=args.beam_size,
                                block_ngram=args.block_ngram, batch_size=args.batch_size, device=device,
                                max_len=args.max_len, decode=args.decode)
     for (sid, views), report in zip(studies, reports):
         if args.format == "jsonl":
-            print(json.dumps({"id": sid, "images": [str(v) for v in views], "report": report}))
+            record = {"id": sid, "images": [str(v) for v in views], "report": report}
+            if sid in references:
+                record.update(prediction=report, **references[sid])
+            print(json.dumps(record))
         else:
             print(report)
     return 0
+
+
+def _annotation_studies(ann: Path, image_dir: Optional[Path], split: str, model: Any, num_views: int):
+    """Studies of one annotation split, and per id the references as cmn-train scores them:
+    ``reference`` (cut to the model's max_seq_length, through its vocabulary) and
+    ``reference_full`` (the whole cleaned report)."""
+    from cmn.data.annotation import load_annotation
+    from cmn.text import clean_reports
+
+    if image_dir is None:
+        raise ConfigError("--annotation needs --image-dir (the folder its image paths are relative to)")
+    entries = load_annotation(ann, (split,))[split]
+    tok = model.tokenizer
+    max_len = int(model.data_info.get("max_seq_length", model.cfg.max_seq_length))
+    studies, refs = [], {}
+    cut = tok.encode_batch([e.report for e in entries], max_len)  # (n, L)
+    for e, row, full in zip(entries, cut, clean_reports([e.report for e in entries], tok.dataset)):
+        if len(e.image_paths) != num_views:
+            raise ConfigError(f"--annotation {ann}: study {e.id!r} has {len(e.image_paths)} image(s); the model "
+                              f"reads {num_views}")
+        studies.append((e.id, tuple(image_dir / p for p in e.image_paths)))
+        refs[e.id] = {"reference": tok.decode(row[1:]), "reference_full": full}
+    return studies, refs
 
 
 if __name__ == "__main__":  # pragma: no cover

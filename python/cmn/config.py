@@ -18,6 +18,10 @@ VISUAL_EXTRACTORS = {"resnet101": 2048, "resnet50": 2048, "resnet18": 512, "resn
 DATASETS = ("demo", "iu_xray", "mimic_cxr")
 MEMORY_IMPLS = ("auto", "naive", "torch", "triton")
 PRECISIONS = ("fp32", "bf16")
+# Upper bounds on numbers a flag or a checkpoint's config.json can set: far above any real use,
+# low enough that a typo is an error instead of an out-of-memory crash or hours of work.
+MAX_TOKENS = 4096  # max_seq_length / --max-len (the positional encoding covers 5000 positions)
+MAX_BEAM = 100
 DECODINGS = ("cmn", "reference")  # beam search: cmn's (refills beams, stops when done) or the reference's exact one
 # Model fields that fix the weights' shapes or meaning; --init-from keeps the bundle's.
 ARCHITECTURE_FIELDS = ("variant", "visual_extractor", "d_model", "d_ff", "num_heads", "num_layers", "memory_size")
