@@ -25,8 +25,9 @@ cardiomegaly"); "No Finding" is 1 when the MeSH field is exactly ``normal``. Obs
 without a mapped tag are blank (NaN). Reports tagged ``No Indexing`` and reports with empty
 findings and impression are left out.
 
-Scores are :func:`cmn.metrics.ce_scores` per observation (``--uncertain``: how -1 counts on
-both sides; default ``negative``, as cmn-eval).
+Scores are :func:`cmn.metrics.ce_scores` per observation, once with uncertain labels (-1)
+counted as negative on both sides (cmn-eval's default) and once as positive (MeSH tags have no
+"uncertain": a finding named as a possibility is tagged).
 """
 from __future__ import annotations
 
@@ -145,19 +146,28 @@ def _label(texts: list[str], sections: str | None) -> np.ndarray:
     return label_reports(texts, sections=sections)
 
 
+POLICIES = ("negative", "positive")
+
+
 def _fmt_table(per: dict, before: dict | None) -> str:
-    if before is None:
-        lines = ["| observation | MeSH positives | precision | recall | F1 |", "|---|---:|---:|---:|---:|"]
-    else:
-        lines = ["| observation | MeSH positives | F1 before | precision | recall | F1 after |",
-                 "|---|---:|---:|---:|---:|---:|"]
+    """Markdown table; ``per`` and ``before`` map each policy to per-observation scores."""
+    head = ["observation", "MeSH positives"]
+    if before is not None:
+        head.append("F1 before")
+    head += ["precision", "recall", "F1"]
+    if before is not None:
+        head.append("F1 before, uncertain = positive")
+    head.append("F1, uncertain = positive")
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name in CHEXPERT_OBSERVATIONS:
-        s = per[name]
-        mark = " *" if name in TARGETS else ""
-        cells = [f"{name}{mark}", str(s["support"])]
+        s, sp = per["negative"][name], per["positive"][name]
+        cells = [name + (" *" if name in TARGETS else ""), str(s["support"])]
         if before is not None:
-            cells.append(f"{before[name]['f1']:.3f}")
-        cells += [f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}"]
+            cells.append(f"{before['negative'][name]['f1']:.3f}")
+        cells += [f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"**{s['f1']:.3f}**"]
+        if before is not None:
+            cells.append(f"{before['positive'][name]['f1']:.3f}")
+        cells.append(f"{sp['f1']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,7 +179,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text", choices=("findings-impression", "full"), default="findings-impression",
                    help="label FINDINGS + IMPRESSION, or the full report with INDICATION and COMPARISON")
     p.add_argument("--sections", choices=("auto", "all"), help="pass sections= to label_reports")
-    p.add_argument("--uncertain", choices=("negative", "positive", "ignore"), default="negative")
     p.add_argument("--json", type=Path, help="write the per-observation scores here")
     p.add_argument("--before", type=Path, help="a --json file of an earlier run, shown as 'F1 before'")
     p.add_argument("--errors", metavar="OBSERVATION", help="print disagreements (development part only)")
@@ -183,22 +192,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = [report_text(r, args.text) for r in recs]
     ref = np.stack([reference_row(r["MeSH"]) for r in recs])  # (n, 14)
     pred = _label(texts, args.sections)  # (n, 14)
-    scores = ce_scores(ref, pred, uncertain=args.uncertain)
-    per = scores["per_observation"]
+    per = {policy: ce_scores(ref, pred, uncertain=policy)["per_observation"] for policy in POLICIES}
     print(f"Open-i reports, {args.part} part: {len(recs)} reports; text: {args.text}; "
-          f"sections: {args.sections or 'default'}; uncertain counts {args.uncertain}")
+          f"sections: {args.sections or 'default'}; precision / recall / F1 count uncertain as negative")
     before = json.loads(args.before.read_text(encoding="utf-8"))["per_observation"] if args.before else None
     print(_fmt_table(per, before))
-    targets = [per[n]["f1"] for n in TARGETS]
-    print(f"\nmean F1 over the 8 target observations (*): {np.mean(targets):.3f}")
+    for policy in POLICIES:
+        mean = np.mean([per[policy][n]["f1"] for n in TARGETS])
+        print(f"mean F1 over the 8 target observations (*), uncertain = {policy}: {mean:.3f}")
     if args.json is not None:
         from cmn.fsutil import write_json
 
         write_json(args.json, {"part": args.part, "n": len(recs), "text": args.text,
-                               "sections": args.sections, "uncertain": args.uncertain, "per_observation": per})
+                               "sections": args.sections, "per_observation": per})
     if args.errors is not None:
         k = _IDX[args.errors]
-        for rec, text, r, q in zip(recs, texts, ref[:, k], pred[:, k]):
+        for rec, text, r, q in zip(recs, texts, ref[:, k], pred[:, k]):  # uncertain as negative
             if (r == 1) != (q == 1):
                 print(f"\n--- uid {rec['uid']}: MeSH {r:g} labeler {q:g}   [{rec['MeSH']}]\n{text}")
     return 0
