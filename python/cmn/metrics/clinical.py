@@ -343,10 +343,10 @@ SECTION_MODES = ("all", "auto")
 
 @lru_cache(maxsize=1)
 def _section_heading() -> tuple[re.Pattern, re.Pattern]:
-    """Regexes for a heading name of ``data/sections.txt`` that ends where a text ends
-    (searched in the line before each colon): in any case at the start of a line or of a
-    sentence, and in upper case after any word boundary. The name of the group that matched
-    starts with ``k`` (a kept section) or ``s`` (a skipped one)."""
+    """Regexes for the heading names of ``data/sections.txt`` before a colon: the whole text
+    from a line or sentence start to the colon in any case, or a name in upper case that
+    ends at the colon. The name of the group that matched starts with ``k`` (a kept
+    section) or ``s`` (a skipped one)."""
     names: dict[str, list[str]] = {"keep": [], "skip": []}
     for line in _lines(_data_text("sections.txt")):
         kind, sep, name = line.partition(":")
@@ -354,24 +354,27 @@ def _section_heading() -> tuple[re.Pattern, re.Pattern]:
             raise ValueError(f"cmn/metrics/data/sections.txt: line must start with 'keep:' or 'skip:': {line!r}")
         names[kind.strip()].append(re.sub(r" +", r"[ \t]+", name.strip()))
     keep, skip = ("|".join(f"(?:{n})" for n in names[k]) for k in ("keep", "skip"))
-    any_case = re.compile(rf"(?m)(?:^|(?<=[.;!?]))[ \t]*(?i:(?P<k1>{keep})|(?P<s1>{skip}))[ \t]*$")
-    upper = re.compile(rf"\b(?:(?P<k2>{keep})|(?P<s2>{skip}))[ \t]*$")
+    any_case = re.compile(rf"[ \t]*(?i:(?P<k1>{keep})|(?P<s1>{skip}))[ \t]*")  # fullmatch
+    upper = re.compile(rf"\b(?:(?P<k2>{keep})|(?P<s2>{skip}))[ \t]*$")  # search
     return any_case, upper
 
 
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
-_HEADING_REACH = 60  # characters before a colon that can hold its heading
+_HEADING_REACH = 60  # characters before a colon that can hold an upper-case heading
 
 
 def _headings(report: str) -> list[tuple[int, int, str]]:
     """(start, end, kind) of each heading, kind "k" (kept) or "s" (skipped)."""
     any_case, upper = _section_heading()
-    out = []
+    out: list[tuple[int, int, str]] = []
     colon = report.find(":")
     while colon >= 0:
-        start = max(report.rfind("\n", 0, colon) + 1, colon - _HEADING_REACH, out[-1][1] if out else 0)
-        m = any_case.search(report, start, colon) or upper.search(report, start, colon)
-        if m:
+        line_start = max(report.rfind("\n", 0, colon) + 1, out[-1][1] if out else 0)
+        sentence_start = max(line_start, *(report.rfind(c, line_start, colon) + 1 for c in ".;!?"))
+        m = any_case.fullmatch(report, sentence_start, colon)
+        if m is None and (report[colon - 1 : colon].isupper() or report[colon - 1 : colon] == ")"):
+            m = upper.search(report, max(line_start, colon - _HEADING_REACH), colon)
+        if m is not None:
             out.append((m.start(), colon + 1, m.lastgroup[0]))
         colon = report.find(":", colon + 1)
     return out
