@@ -104,9 +104,8 @@ def test_report_sections_text():
     kept = report_sections(MIMIC_STYLE)
     assert "Moderate cardiomegaly" in kept and "2. No acute" in kept
     assert "INDICATION" not in kept and "pleural effusion" not in kept and "FINAL REPORT" not in kept
-    assert report_sections(OPENI_STYLE).split() == (
-        "The heart size and upper mediastinum have a normal appearance. The lungs are clear. Normal chest.".split()
-    )
+    kept = " ".join(report_sections(OPENI_STYLE).split())
+    assert kept == "The heart size and upper mediastinum have a normal appearance. The lungs are clear. Normal chest."
 
 
 @pytest.mark.parametrize("text", [

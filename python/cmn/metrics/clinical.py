@@ -4,22 +4,28 @@ The paper's CE compares CheXpert labels of generated and reference reports over 
 observations. The CheXpert labeler needs NegBio and a constituency parser; we follow its
 scheme with regular expressions instead, so labeling runs offline and fast:
 
+0. With ``sections="auto"``, a full report with headings is cut to its FINDINGS and
+   IMPRESSION (``data/sections.txt``); text without headings is labeled whole.
 1. Split a report into sentences (``. ; : ? !`` and line breaks) and each sentence into
    clauses at scope terminators (``but``, ``however``, ``which``, ``there``...).
 2. Find mention phrases (``data/mention/*.txt``); one pass of a combined regex, the
    earliest and then longest phrase wins, and ``unmention.txt`` hides phrases such as
    "pericardial effusion".
 3. Classify each mention from the clause text before and after it, in CheXpert's order:
-   uncertainty that looks like negation ("cannot be excluded", "no new"), then negation
-   ("no", "without", "is normal"; "no" covers a whole list: "no effusion or
-   pneumothorax"), then uncertainty ("possible", "may represent", "X or Y").
+   uncertainty that looks like negation ("cannot be excluded", "no new", "upper limits of
+   normal"); then mentions that are no assertion and are dropped ("evaluate for", "rule
+   out", "? pneumothorax", "evaluation for X is limited"); then negation ("no", "without",
+   "is normal"; "no" covers a whole list: "no effusion or pneumothorax"), and for neutral
+   anatomy mentions normal statements over a coordinated subject ("heart size and pulmonary
+   vascularity within normal limits"); then uncertainty ("possible", "may represent", "X or
+   Y"), and "stable" for neutral size mentions.
 4. Aggregate per observation like the CheXpert labeler: any positive gives 1, else any
    uncertain gives -1, else 0; no mention gives NaN. "No Finding" is 1 when nothing but
    support devices is positive or uncertain (``no_finding.txt`` lists other findings
    that also rule it out), otherwise NaN.
 
 Rule files live in ``cmn/metrics/data`` and are documented in their headers; a new phrase
-is one line. Differences from the CheXpert labeler are listed in the project README.
+is one line. Differences from the CheXpert labeler are listed in docs/labeler.md.
 """
 from __future__ import annotations
 
