@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -19,7 +20,8 @@ from cmn.cliutil import positive_int, user_errors
 from cmn.config import PRESETS
 from cmn.fsutil import write_atomic
 from cmn.errors import DataError
-from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS, UNCERTAIN_POLICIES, label_reports
+from cmn.fsutil import write_atomic
+from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS, SECTION_MODES, UNCERTAIN_POLICIES, label_reports
 from cmn.metrics.evaluate import ce_flat, clinical_scores
 from cmn.metrics.nlg import NLGScorer, _as_coco
 
@@ -241,6 +243,9 @@ def _label_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", type=Path, help="text file with one report per line, or a CSV with a 'report' column")
     p.add_argument("--output", required=True, type=Path, help="CSV to write: Reports, then the 14 observations")
+    p.add_argument("--sections", choices=SECTION_MODES, default="auto",
+                   help="auto (default): in full reports with headings, label only FINDINGS and IMPRESSION "
+                        "(text without headings is labeled whole); all: label the whole text")
     return p
 
 
@@ -256,16 +261,18 @@ def read_reports(path: Path) -> list[str]:
 
 
 def write_labels(path: Path, reports: Sequence[str], labels: np.ndarray) -> None:
-    """CheXpert labeler layout: ``Reports`` then one column per observation, 1/0/-1/empty."""
+    """CheXpert labeler layout: ``Reports`` then one column per observation, 1/0/-1/empty.
+    Written atomically: a failed run leaves no partial CSV."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(("Reports",) + CHEXPERT_OBSERVATIONS)
+    for report, row in zip(reports, labels):
+        writer.writerow([report] + ["" if np.isnan(v) else str(int(v)) for v in row])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(("Reports",) + CHEXPERT_OBSERVATIONS)
-            for report, row in zip(reports, labels):
-                writer.writerow([report] + ["" if np.isnan(v) else str(int(v)) for v in row])
     except OSError as exc:
         raise DataError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    write_atomic(path, buf.getvalue())
 
 
 @user_errors
@@ -273,7 +280,7 @@ def label_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cmn-label``; returns the exit status."""
     args = _label_parser().parse_args(argv)
     reports = read_reports(args.input)
-    write_labels(args.output, reports, label_reports(reports))
+    write_labels(args.output, reports, label_reports(reports, sections=args.sections))
     print(f"labeled {len(reports)} reports -> {args.output}")
     return 0
 

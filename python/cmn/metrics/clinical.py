@@ -4,22 +4,28 @@ The paper's CE compares CheXpert labels of generated and reference reports over 
 observations. The CheXpert labeler needs NegBio and a constituency parser; we follow its
 scheme with regular expressions instead, so labeling runs offline and fast:
 
+0. With ``sections="auto"``, a full report with headings is cut to its FINDINGS and
+   IMPRESSION (``data/sections.txt``); text without headings is labeled whole.
 1. Split a report into sentences (``. ; : ? !`` and line breaks) and each sentence into
    clauses at scope terminators (``but``, ``however``, ``which``, ``there``...).
 2. Find mention phrases (``data/mention/*.txt``); one pass of a combined regex, the
    earliest and then longest phrase wins, and ``unmention.txt`` hides phrases such as
    "pericardial effusion".
 3. Classify each mention from the clause text before and after it, in CheXpert's order:
-   uncertainty that looks like negation ("cannot be excluded", "no new"), then negation
-   ("no", "without", "is normal"; "no" covers a whole list: "no effusion or
-   pneumothorax"), then uncertainty ("possible", "may represent", "X or Y").
+   uncertainty that looks like negation ("cannot be excluded", "no new", "upper limits of
+   normal"); then mentions that are no assertion and are dropped ("evaluate for", "rule
+   out", "? pneumothorax", "evaluation for X is limited"); then negation ("no", "without",
+   "is normal"; "no" covers a whole list: "no effusion or pneumothorax"), and for neutral
+   anatomy mentions normal statements over a coordinated subject ("heart size and pulmonary
+   vascularity within normal limits"); then uncertainty ("possible", "may represent", "X or
+   Y"), and "stable" for neutral size mentions.
 4. Aggregate per observation like the CheXpert labeler: any positive gives 1, else any
    uncertain gives -1, else 0; no mention gives NaN. "No Finding" is 1 when nothing but
    support devices is positive or uncertain (``no_finding.txt`` lists other findings
    that also rule it out), otherwise NaN.
 
 Rule files live in ``cmn/metrics/data`` and are documented in their headers; a new phrase
-is one line. Differences from the CheXpert labeler are listed in the project README.
+is one line. Differences from the CheXpert labeler are listed in docs/labeler.md.
 """
 from __future__ import annotations
 
@@ -59,6 +65,9 @@ POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
 UNCERTAIN_POLICIES = ("negative", "positive", "ignore")
 
 _SENTENCE_SPLIT = re.compile(r"[.;:?!](?=\s|$)|\n")
+# With a "?" in the text: a "?" ends a sentence but stays in it ("pneumothorax?" is a
+# question, not a finding), and a "?" before a word ("? pneumothorax") does not end one.
+_QUESTION_SPLIT = re.compile(r"[.;:!](?=\s|$)|(?<=\S\?)(?=\s|$)|\n")
 
 # Mention flags (the first character of a line in a mention file).
 _PLAIN, _FORCED_UNCERTAIN, _NEUTRAL_SIZE, _LINKED = "", "?", "~", "^"
@@ -94,30 +103,78 @@ def _expand(pattern: str, macros: dict[str, str]) -> str:
 @dataclass(frozen=True)
 class _Rule:
     """Cue patterns of one kind: ``before`` is searched in the clause before a mention,
-    ``after`` must match at the start of the clause after it."""
+    ``after`` must match at the start of the clause after it; an ``around`` pair needs both."""
 
     before: re.Pattern | None
     after: re.Pattern | None
+    around: tuple[tuple[re.Pattern, re.Pattern], ...] = ()
 
     def hits(self, before: str, after: str) -> bool:
-        return bool(
-            (self.before is not None and self.before.search(before))
-            or (self.after is not None and self.after.match(after))
-        )
+        """Empty text (``""``: nothing but spaces) matches no cue, and is not searched."""
+        if before and self.before is not None and self.before.search(before):
+            return True
+        if after and self.after is not None and self.after.match(after):
+            return True
+        if self.around and before and after:
+            return any(b.search(before) and a.match(after) for b, a in self.around)
+        return False
+
+
+def _has_top_level_bar(pattern: str) -> bool:
+    """Whether a regex has a ``|`` outside any group or character class."""
+    depth, escaped, in_class = 0, False, False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+        elif ch == "|" and depth == 0:
+            return True
+    return False
+
+
+_AROUND_SPLIT = " MENTION "
+_LEAD = re.compile(r"\\b|\{\w+\}")  # a shared start of rule patterns: \b or a macro
 
 
 def _load_rule(filename: str, macros: dict[str, str]) -> _Rule:
-    parts: dict[str, list[str]] = {"before": [], "after": []}
+    where_ = f"cmn/metrics/data/rules/{filename}"
+    parts: dict[str, list[str]] = {"before": [], "after": [], "around": []}
     for line in _lines(_data_text("rules", filename)):
         where, sep, pattern = line.partition(":")
         if not sep or where.strip() not in parts:
-            raise ValueError(f"cmn/metrics/data/rules/{filename}: line must start with 'before:' or 'after:': {line!r}")
-        parts[where.strip()].append(_expand(pattern.strip(), macros))
+            raise ValueError(f"{where_}: line must start with 'before:', 'after:' or 'around:': {line!r}")
+        if where.strip() == "around" and pattern.count(_AROUND_SPLIT) != 1:
+            raise ValueError(f"{where_}: an 'around:' line is '<before> MENTION <after>': {line!r}")
+        if _has_top_level_bar(pattern):
+            raise ValueError(f"{where_}: one pattern per line; wrap alternatives in (?:...): {line!r}")
+        parts[where.strip()].append(pattern.strip())
 
     def join(pats: list[str]) -> re.Pattern | None:
-        return re.compile("|".join(f"(?:{p})" for p in pats)) if pats else None
+        # Patterns that start alike (a word boundary, or the same macro such as {gap}) share
+        # that start, so the regex engine checks it once rather than once per pattern.
+        groups: dict[str, list[str]] = {}
+        for pat in pats:
+            lead = _LEAD.match(pat)
+            head = lead.group() if lead else ""
+            groups.setdefault(head, []).append(pat[len(head):])
+        alternatives = [
+            _expand(head, macros) + "(?:" + "|".join(f"(?:{_expand(rest, macros)})" for rest in rests) + ")"
+            for head, rests in groups.items()
+        ]
+        return re.compile("|".join(alternatives)) if alternatives else None
 
-    return _Rule(join(parts["before"]), join(parts["after"]))
+    around = tuple(
+        (re.compile(_expand(b.strip(), macros)), re.compile(_expand(a.strip(), macros)))
+        for b, a in (p.split(_AROUND_SPLIT) for p in parts["around"])
+    )
+    return _Rule(join(parts["before"]), join(parts["after"]), around)
 
 
 @dataclass(frozen=True)
@@ -127,9 +184,29 @@ class _Labeler:
     terminator: re.Pattern  # finds the first scope terminator in a text
     last_terminator: re.Pattern  # matches up to the last scope terminator in a text
     first_uncertain: _Rule
+    not_asserted: _Rule
     negation: _Rule
+    normal_anatomy: _Rule
     uncertain: _Rule
     stable_size: _Rule
+
+
+_LEADING_GROUP = re.compile(r"\(\?:([^()\[\]]*)\)(\?)?(?![*+{])")
+
+
+def _literal_starts(phrase: str) -> list[str]:
+    """The phrase as alternatives that each start with a plain character where it starts
+    with a simple group: ``(?:a|b) c`` gives ``a c``, ``b c``; ``(?:a )?b`` gives ``a b``, ``b``.
+
+    The regex engine skips an alternative whose first character cannot match at a glance,
+    which keeps one pass of the combined mention regex fast; a group in front defeats that.
+    """
+    m = _LEADING_GROUP.match(phrase)
+    if not m:
+        return [phrase]
+    rest = phrase[m.end():]
+    heads = m.group(1).split("|") + ([""] if m.group(2) else [])
+    return [alt for head in heads for alt in _literal_starts(head + rest)]
 
 
 def _mention_regex(line: str) -> str:
@@ -138,6 +215,30 @@ def _mention_regex(line: str) -> str:
     if line.endswith("*"):
         return "(?:" + line[:-1] + r")[\w-]*"
     return "(?:" + line + r")(?![\w-])"
+
+
+def _mention_alternation(branches: list[tuple[str, tuple]]) -> tuple[re.Pattern, list[int]]:
+    """One regex for all mention phrases, and the order in which their empty groups appear.
+
+    One alternation behind one word-boundary check. Each branch ends in an empty group so
+    ``lastindex`` names the phrase. Branches that start with the same plain character are
+    put under that character (``e(?:ffusion()|dema()...)``): at each position the regex
+    engine then checks a few dozen first characters at a glance rather than every phrase.
+    A branch that does not start with a plain character comes first, in its own right.
+    """
+    special: list[int] = []
+    by_first: dict[str, list[int]] = {}
+    for i, (alt, _) in enumerate(branches):
+        plain = alt[:1].isalnum() and alt[1:2] not in ("?", "*", "+", "{") and not _has_top_level_bar(alt)
+        (by_first.setdefault(alt[0], []) if plain else special).append(i)
+    parts, order = [], []
+    for i in special:
+        parts.append(_mention_regex(branches[i][0]) + "()")
+        order.append(i)
+    for first, members in by_first.items():
+        parts.append(re.escape(first) + "(?:" + "|".join(_mention_regex(branches[i][0][1:]) + "()" for i in members) + ")")
+        order.extend(members)
+    return re.compile(r"\b(?:" + "|".join(parts) + ")"), order
 
 
 @lru_cache(maxsize=1)
@@ -152,34 +253,44 @@ def _labeler() -> _Labeler:
             phrase_targets.setdefault(phrase, []).append((obs, flag))
     for line in _lines(_data_text("mention", "unmention.txt")):
         phrase_targets[line] = []  # hides the words it covers
-    # Longer phrases first, so "pleural effusion" beats "effusion" at the same position.
-    ordered = sorted(phrase_targets, key=len, reverse=True)
-    for p in ordered:
+    for p in phrase_targets:
         if re.compile(p).groups:
             raise ValueError(f"cmn/metrics/data/mention: use (?:...) instead of (...) in {p!r}")
-    # One alternation behind one word-boundary check. Each branch ends in an empty group
-    # so ``lastindex`` names the phrase; branches start with their own first character,
-    # which the regex engine checks at a glance (a group in front would defeat that).
-    mention = re.compile(r"\b(?:" + "|".join(_mention_regex(p) + "()" for p in ordered) + ")")
+    alternatives: dict[str, list[tuple[int, str]]] = {}
+    for p, targets in phrase_targets.items():
+        for alt in _literal_starts(p):
+            # unmention.txt comes last and hides; mentions that meet add their targets
+            alternatives[alt] = alternatives.get(alt, []) + targets if targets else []
+    branches = [(alt, tuple(targets)) for alt, targets in alternatives.items()]
+    # Longer phrases first, so "pleural effusion" beats "effusion" at the same position.
+    branches.sort(key=lambda b: len(b[0]), reverse=True)
+    mention, order = _mention_alternation(branches)
 
     macros = _load_macros()
     terms = "|".join(_lines(_data_text("rules", "terminators.txt")))
     return _Labeler(
         mention=mention,
-        targets=tuple(tuple(phrase_targets[p]) for p in ordered),
+        targets=tuple(branches[i][1] for i in order),
         terminator=re.compile(rf"\b(?:{terms})\b"),
         last_terminator=re.compile(rf"(?s).*\b(?:{terms})\b"),
         first_uncertain=_load_rule("uncertainty_first.txt", macros),
+        not_asserted=_load_rule("not_asserted.txt", macros),
         negation=_load_rule("negation.txt", macros),
+        normal_anatomy=_load_rule("normal_anatomy.txt", macros),
         uncertain=_load_rule("uncertainty.txt", macros),
         stable_size=_load_rule("stable_size.txt", macros),
     )
 
 
-def _classify(lab: _Labeler, before: str, after: str, flag: str) -> float:
+def _classify(lab: _Labeler, before: str, after: str, flag: str) -> float | None:
+    """The label of one mention from its clause, or None when it is not asserted."""
     if lab.first_uncertain.hits(before, after):
         return UNCERTAIN
+    if lab.not_asserted.hits(before, after):
+        return None
     if lab.negation.hits(before, after):
+        return NEGATIVE
+    if flag == _NEUTRAL_SIZE and lab.normal_anatomy.hits(before, after):
         return NEGATIVE
     if flag == _FORCED_UNCERTAIN or lab.uncertain.hits(before, after):
         return UNCERTAIN
@@ -194,7 +305,8 @@ _RANK = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1}
 
 def _label_one(lab: _Labeler, report: str) -> list[float]:
     best: dict[int, float] = {}
-    for sentence in _SENTENCE_SPLIT.split(report.lower()):
+    report = report.lower()
+    for sentence in (_QUESTION_SPLIT if "?" in report else _SENTENCE_SPLIT).split(report):
         for m in lab.mention.finditer(sentence):
             targets = lab.targets[m.lastindex - 1]
             if not targets:
@@ -207,8 +319,12 @@ def _label_one(lab: _Labeler, report: str) -> list[float]:
             cut = lab.terminator.search(after)
             if cut:
                 after = after[: cut.start()]
+            before = "" if before.isspace() else before
+            after = "" if after.isspace() else after
             for obs, flag in targets:
                 status = _classify(lab, before, after, flag)
+                if status is None:
+                    continue
                 if flag == _LINKED:
                     if status == NEGATIVE:
                         continue
@@ -228,22 +344,95 @@ def _label_one(lab: _Labeler, report: str) -> list[float]:
     return row
 
 
-def label_reports(reports: Sequence[str]) -> np.ndarray:
+SECTION_MODES = ("all", "auto")
+
+
+@lru_cache(maxsize=1)
+def _section_heading() -> tuple[re.Pattern, re.Pattern]:
+    """Regexes for the heading names of ``data/sections.txt`` before a colon: the whole text
+    from a line or sentence start to the colon in any case, or a name in upper case that
+    ends at the colon. The name of the group that matched starts with ``k`` (a kept
+    section) or ``s`` (a skipped one)."""
+    names: dict[str, list[str]] = {"keep": [], "skip": []}
+    for line in _lines(_data_text("sections.txt")):
+        kind, sep, name = line.partition(":")
+        if not sep or kind.strip() not in names:
+            raise ValueError(f"cmn/metrics/data/sections.txt: line must start with 'keep:' or 'skip:': {line!r}")
+        names[kind.strip()].append(re.sub(r" +", r"[ \t]+", name.strip()))
+    keep, skip = ("|".join(f"(?:{n})" for n in names[k]) for k in ("keep", "skip"))
+    any_case = re.compile(rf"[ \t]*(?i:(?P<k1>{keep})|(?P<s1>{skip}))[ \t]*")  # fullmatch
+    upper = re.compile(rf"\b(?:(?P<k2>{keep})|(?P<s2>{skip}))[ \t]*$")  # search
+    return any_case, upper
+
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_HEADING_REACH = 60  # characters before a colon that can hold an upper-case heading
+
+
+def _headings(report: str) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of each heading, kind "k" (kept) or "s" (skipped)."""
+    any_case, upper = _section_heading()
+    out: list[tuple[int, int, str]] = []
+    colon = report.find(":")
+    while colon >= 0:
+        line_start = max(report.rfind("\n", 0, colon) + 1, out[-1][1] if out else 0)
+        sentence_start = max(line_start, *(report.rfind(c, line_start, colon) + 1 for c in ".;!?"))
+        m = any_case.fullmatch(report, sentence_start, colon)
+        if m is None and (report[colon - 1 : colon].isupper() or report[colon - 1 : colon] == ")"):
+            m = upper.search(report, max(line_start, colon - _HEADING_REACH), colon)
+        if m is not None:
+            out.append((m.start(), colon + 1, m.lastgroup[0]))
+        colon = report.find(":", colon + 1)
+    return out
+
+
+def report_sections(report: str) -> str:
+    """The part of a full report that ``sections="auto"`` labels.
+
+    With a FINDINGS / IMPRESSION heading (``keep`` in ``data/sections.txt``): those sections
+    only, each up to the next known heading. With only other headings (INDICATION, HISTORY,
+    COMPARISON...): everything except those sections, each of which ends at the next heading
+    or blank line. With no heading: the whole text.
+    """
+    marks = _headings(report)
+    if not marks:
+        return report
+    ends = [start for start, _, _ in marks[1:]] + [len(report)]
+    bodies = [(kind, report[end_of_heading:end]) for (_, end_of_heading, kind), end in zip(marks, ends)]
+    if any(kind == "k" for kind, _ in bodies):
+        return "\n".join(body for kind, body in bodies if kind == "k")
+    kept = [report[: marks[0][0]]]
+    for _, body in bodies:
+        blank = _BLANK_LINE.search(body)
+        if blank:
+            kept.append(body[blank.end():])
+    return "\n".join(kept)
+
+
+def label_reports(reports: Sequence[str], sections: str = "all") -> np.ndarray:
     """Label each report for the 14 CheXpert observations.
 
     Works on raw reports and on cleaned ones ("the heart size is normal . no pleural
     effusion or pneumothorax .").
 
+    Args:
+        reports: report texts.
+        sections: ``"all"`` labels the whole text (generated and reference findings);
+            ``"auto"`` labels only FINDINGS and IMPRESSION of full reports that have
+            headings (see :func:`report_sections`); text without headings is labeled whole.
+
     Returns:
         float64 array (n, 14) in :data:`CHEXPERT_OBSERVATIONS` order: 1 positive,
         0 negative, -1 uncertain, NaN not mentioned.
     """
+    if sections not in SECTION_MODES:
+        raise ConfigError(f"--sections must be one of {', '.join(SECTION_MODES)}, got {sections!r}")
     lab = _labeler()
     out = np.full((len(reports), len(CHEXPERT_OBSERVATIONS)), np.nan)  # (n, 14)
     for i, report in enumerate(reports):
         if not isinstance(report, str):
             raise DataError(f"report {i} is {type(report).__name__}, not text")
-        out[i] = _label_one(lab, report)
+        out[i] = _label_one(lab, report_sections(report) if sections == "auto" else report)
     return out
 
 
