@@ -20,7 +20,6 @@ from cmn.cliutil import positive_int, user_errors
 from cmn.config import PRESETS
 from cmn.fsutil import write_atomic
 from cmn.errors import DataError
-from cmn.fsutil import write_atomic
 from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS, SECTION_MODES, UNCERTAIN_POLICIES, label_reports
 from cmn.metrics.evaluate import ce_flat, clinical_scores
 from cmn.metrics.nlg import NLGScorer, _as_coco
