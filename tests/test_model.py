@@ -12,7 +12,7 @@ from cmn.ops import memory_query
 
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=30, visual_extractor="resnet18", d_model=32, d_ff=32, num_heads=4, num_layers=2,
-                memory_size=16, topk=4, num_views=2, max_seq_length=10, dropout=0.0, drop_prob_lm=0.0)
+                memory_size=16, topk=4, num_views=2, max_seq_length=10, dropout=0.0, attention_dropout=0.0, drop_prob_lm=0.0)
     base.update(kw)
     return ModelConfig(**base)
 

@@ -16,14 +16,14 @@ from cmn.config import (
     ARCHITECTURE_FIELDS, DATASETS, DECODINGS, MAX_BEAM, MAX_TOKENS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
     DataConfig, ModelConfig, TrainConfig,
 )
-from cmn.cliutil import nonneg_int, positive_int, user_errors
+from cmn.cliutil import nonneg_int, positive_int, probability, user_errors
 from cmn.errors import CMNError, ConfigError
 
 
 # ---- cmn-train ---------------------------------------------------------------------------
 # flag -> (config section, field); None defaults mean "take the preset's value"
 _MODEL_FLAGS = ["variant", "visual_extractor", "d_model", "d_ff", "num_heads", "num_layers", "dropout",
-                "drop_prob_lm", "memory_size", "topk", "memory_impl"]
+                "attention_dropout", "drop_prob_lm", "memory_size", "topk", "memory_impl", "joint_view_bn"]
 _DATA_FLAGS = ["ann_path", "image_dir", "image_size", "max_seq_length", "threshold", "batch_size",
                "num_workers", "image_cache", "demo_size"]
 _TRAIN_FLAGS = ["epochs", "lr_ve", "lr_ed", "weight_decay", "step_size", "gamma", "seed", "early_stop",
@@ -59,8 +59,14 @@ def train_parser() -> argparse.ArgumentParser:
     m.add_argument("--d-ff", type=int)
     m.add_argument("--num-heads", type=int)
     m.add_argument("--num-layers", type=int)
-    m.add_argument("--dropout", type=float)
-    m.add_argument("--drop-prob-lm", type=float)
+    m.add_argument("--dropout", type=probability,
+                   help="dropout on residual branches, in the feed-forward and after positional encodings (0.1)")
+    m.add_argument("--attention-dropout", type=probability,
+                   help="dropout on attention and memory-selection probabilities (0.1: the reference fixes it)")
+    m.add_argument("--drop-prob-lm", type=probability, help="dropout after the visual projection (0.5)")
+    m.add_argument("--joint-view-bn", action="store_true", default=None,
+                   help="CNN BatchNorm statistics over all views of a batch at once (default: per view, as the "
+                        "reference's one CNN call per view)")
     m.add_argument("--memory-size", type=int, help="memory slots N (paper 2048)")
     m.add_argument("--topk", type=int, help="memory slots kept per query K (paper 32)")
     m.add_argument("--memory-impl", choices=MEMORY_IMPLS, help="memory_query implementation (default auto)")

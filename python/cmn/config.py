@@ -39,12 +39,14 @@ class ModelConfig:
     d_ff: int = 512  # feed-forward width (the reference uses 512, not 4*d_model)
     num_heads: int = 8  # attention heads, also the memory's query "threads"
     num_layers: int = 3  # encoder and decoder layers each
-    dropout: float = 0.1  # Transformer dropout
+    dropout: float = 0.1  # residual branches, feed-forward, positional encoding (reference: --dropout)
+    attention_dropout: float = 0.1  # attention and memory-selection probabilities (reference: fixed 0.1)
     drop_prob_lm: float = 0.5  # dropout after the visual projection (reference: drop_prob_lm)
     memory_size: int = 2048  # N memory slots
     topk: int = 32  # K memory slots each query keeps
     max_seq_length: int = 60  # generated tokens at most (BOS excluded)
     memory_impl: str = "auto"  # memory_query implementation: auto | naive | torch | triton
+    joint_view_bn: bool = False  # CNN BatchNorm statistics over all views at once (reference: per view)
 
     @property
     def d_vf(self) -> int:

@@ -257,7 +257,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     net: torch.nn.Module = model
     if dist_info.world_size > 1:
         if train.sync_bn and device.type == "cuda" and not train.freeze_bn:
-            model.visual = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.visual)
+            model.visual.use_sync_batchnorm()
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     run = _Run(data, train, model_cfg, dist_info, device, out_dir, ann_path, splits, tokenizer, model, net,

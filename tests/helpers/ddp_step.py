@@ -34,7 +34,7 @@ def main(out: str) -> None:
     info = init_distributed()
     seed_everything(0)
     cfg = ModelConfig(vocab_size=20, visual_extractor="resnet18", d_model=32, d_ff=32, num_heads=4, num_layers=1,
-                      memory_size=16, topk=4, num_views=2, dropout=0.0, drop_prob_lm=0.0)
+                      memory_size=16, topk=4, num_views=2, dropout=0.0, attention_dropout=0.0, drop_prob_lm=0.0)
     model = build_model(cfg)
     net = model
     if info.world_size > 1:

@@ -30,17 +30,17 @@ class CMN(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.d_model
-        self.visual = VisualExtractor(cfg.visual_extractor)
+        self.visual = VisualExtractor(cfg.visual_extractor, joint_view_bn=cfg.joint_view_bn)
         # reference: att_embed = Linear(d_vf, d_model) -> ReLU -> Dropout(drop_prob_lm)
         self.att_embed = nn.Sequential(nn.Linear(cfg.d_vf, D), nn.ReLU(), nn.Dropout(cfg.drop_prob_lm))
         self.src_pos = PositionalEncoding(D, cfg.dropout)
-        self.encoder = Encoder(D, cfg.num_heads, cfg.d_ff, cfg.dropout, cfg.num_layers)
+        self.encoder = Encoder(D, cfg.num_heads, cfg.d_ff, cfg.dropout, cfg.num_layers, cfg.attention_dropout)
         self.tgt_embed = nn.Embedding(cfg.vocab_size, D)
         self.tgt_pos = PositionalEncoding(D, cfg.dropout)
-        self.decoder = Decoder(D, cfg.num_heads, cfg.d_ff, cfg.dropout, cfg.num_layers)
+        self.decoder = Decoder(D, cfg.num_heads, cfg.d_ff, cfg.dropout, cfg.num_layers, cfg.attention_dropout)
 
         def memory_query() -> MemoryQuery:
-            return MemoryQuery(D, cfg.num_heads, cfg.topk, cfg.dropout, cfg.memory_impl)
+            return MemoryQuery(D, cfg.num_heads, cfg.topk, cfg.attention_dropout, cfg.memory_impl)
 
         if cfg.variant == "cmn":
             self.memory_query = memory_query()
@@ -94,7 +94,10 @@ class CMN(nn.Module):
     # ---- encoder / decoder --------------------------------------------------------------
     def encode(self, images: torch.Tensor, visual_kv: Optional[MemoryKV]) -> torch.Tensor:
         """images (B, V, 3, S, S) -> encoder output (B, V*P, d_model)."""
-        patches = self.visual(images)  # (B, V*P, d_vf)
+        return self.encode_patches(self.visual(images), visual_kv)
+
+    def encode_patches(self, patches: torch.Tensor, visual_kv: Optional[MemoryKV]) -> torch.Tensor:
+        """CNN patch features (B, V*P, d_vf) -> encoder output (B, V*P, d_model)."""
         x = self.att_embed(patches)  # (B, V*P, D)
         x = self._respond(x, visual_kv, "visual")
         return self.encoder(self.src_pos(x), None)
@@ -110,8 +113,12 @@ class CMN(nn.Module):
         images (B, V, 3, S, S) float; targets (B, T) int64 = [0, w1, ..., 0, pad...].
         Returns log-probabilities (B, T-1, vocab) for targets[:, 1:]: fp32 (fp64 for an fp64 model).
         """
+        return self.forward_patches(self.visual(images), targets)
+
+    def forward_patches(self, patches: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` from CNN patch features (B, V*P, d_vf)."""
         visual_kv, text_kv = self.memory_kv()
-        memory = self.encode(images, visual_kv)  # (B, S, D)
+        memory = self.encode_patches(patches, visual_kv)  # (B, S, D)
         seq = targets[:, :-1]  # (B, T-1)
         keys_visible = seq > 0
         keys_visible[:, 0] = True  # BOS shares id 0 with padding

@@ -2,7 +2,10 @@
 
 Kept from the reference: its LayerNorm (unbiased std, eps added to the std), pre-norm
 residual blocks with dropout, ReLU feed-forward of width d_ff, sinusoidal positions, token
-embeddings scaled by sqrt(d_model), a final LayerNorm on both stacks, xavier init.
+embeddings scaled by sqrt(d_model), a final LayerNorm on both stacks, xavier init. Dropout
+where the reference applies it: ``dropout`` on residual branches, inside the feed-forward and
+after the positional encoding; ``attn_dropout`` on attention probabilities (the reference
+hard-codes 0.1 there, whatever its ``--dropout``).
 Differs: attention runs through ``F.scaled_dot_product_attention``; decoding keeps each
 layer's self-attention keys/values and the projected encoder output (``DecoderCache``) so a
 step costs one token, where the reference re-decodes the whole prefix at every step.
@@ -79,9 +82,9 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, attn_dropout)
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.norm1, self.norm2 = LayerNorm(d_model), LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
@@ -101,10 +104,10 @@ class LayerCache:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.src_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, attn_dropout)
+        self.src_attn = MultiHeadAttention(d_model, num_heads, attn_dropout)
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.norm1, self.norm2, self.norm3 = LayerNorm(d_model), LayerNorm(d_model), LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
@@ -143,9 +146,10 @@ class PositionalEncoding(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, d_model, num_heads, d_ff, dropout, num_layers):
+    def __init__(self, d_model, num_heads, d_ff, dropout, num_layers, attn_dropout=0.1):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(d_model, num_heads, d_ff, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, num_heads, d_ff, dropout, attn_dropout) for _ in range(num_layers))
         self.norm = LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -155,9 +159,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, d_model, num_heads, d_ff, dropout, num_layers):
+    def __init__(self, d_model, num_heads, d_ff, dropout, num_layers, attn_dropout=0.1):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(d_model, num_heads, d_ff, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, num_heads, d_ff, dropout, attn_dropout) for _ in range(num_layers))
         self.norm = LayerNorm(d_model)
 
     def forward(self, x, memory, src_mask, tgt_mask):

@@ -1,8 +1,15 @@
 """Visual extractor: a torchvision ResNet cut before pooling, giving patch features.
 
-Differs from the reference code in two ways: all views of a study go through the CNN in one
-batch (same weights, same result as one call per view), and ImageNet weights are optional:
-a local file, torchvision's cache/download, or random init with a warning, never a crash.
+The reference runs the CNN once per view (``visual_extractor(images[:, 0])``, then view 1).
+cmn runs all views of a batch through the convolutions in ONE call, and keeps the
+reference's training semantics in BatchNorm: each BatchNorm layer normalises the views
+separately with their own batch statistics and updates its running statistics once per view,
+in view order (:class:`ViewBatchNorm2d`), so features, gradients and running statistics equal
+the per-view calls. ``joint_view_bn=True`` instead pools the statistics of all views (one
+update per step; cmn 0.1's behaviour). In eval mode both are the same as the reference.
+
+ImageNet weights are optional: a local file, torchvision's cache/download, or random init with
+a warning, never a crash.
 """
 from __future__ import annotations
 
@@ -47,16 +54,51 @@ def _bn_stats_once(block: nn.Module):
     return lambda: (contextlib.nullcontext(), recompute())
 
 
+class _PerView:
+    """BatchNorm mixin: in training, the batch holds ``groups`` views one after the other
+    (view-major) and each view is normalised with its own statistics, updating the running
+    statistics once per view in order, exactly like one call per view."""
+
+    groups: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (V*B, C, h, w), view-major
+        if not self.training or self.groups == 1:
+            return super().forward(x)  # type: ignore[misc]
+        return torch.cat([super(_PerView, self).forward(part) for part in x.chunk(self.groups, 0)], 0)  # type: ignore[misc]
+
+
+class ViewBatchNorm2d(_PerView, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` with per-view training statistics (same parameters and buffers)."""
+
+
+class ViewSyncBatchNorm(_PerView, nn.SyncBatchNorm):
+    """:class:`torch.nn.SyncBatchNorm` (statistics across ranks) with per-view training statistics."""
+
+
+def _swap_norms(module: nn.Module, cls: type) -> nn.Module:
+    """Replace every BatchNorm in ``module`` by ``cls`` with the same parameters and buffers."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and type(child) is not cls:
+            new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            _swap_norms(child, cls)
+    return module
+
+
 class VisualExtractor(nn.Module):
     """ResNet trunk: images (B, V, 3, S, S) -> patch features (B, V * P, C), P = (S/32)^2."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, joint_view_bn: bool = False):
         super().__init__()
         if name not in VISUAL_EXTRACTORS:
             raise ConfigError(f"unknown visual extractor {name!r}; choose one of {', '.join(VISUAL_EXTRACTORS)}")
         resnet = getattr(torchvision.models, name)(weights=None)
         # Drop the global pooling and the classifier: the last conv map is the patch grid.
-        self.trunk = nn.Sequential(*list(resnet.children())[:-2])
+        self.trunk = _swap_norms(nn.Sequential(*list(resnet.children())[:-2]), ViewBatchNorm2d)
+        self.joint_view_bn = joint_view_bn
         self.name = name
         self.out_channels = VISUAL_EXTRACTORS[name]
         # Activation checkpointing of the residual blocks: their activations are recomputed in
@@ -75,11 +117,20 @@ class VisualExtractor(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False, context_fn=_bn_stats_once(block))
         return x
 
+    def use_sync_batchnorm(self) -> None:
+        """Statistics across DDP ranks (SyncBatchNorm), still per view unless joint_view_bn."""
+        _swap_norms(self.trunk, ViewSyncBatchNorm)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         B, V = images.shape[:2]
-        fmap = self._trunk(images.flatten(0, 1))  # (B*V, C, h, w)
-        patches = fmap.flatten(2).transpose(1, 2)  # (B*V, P, C)
-        return patches.reshape(B, V * patches.shape[1], patches.shape[2])  # (B, V*P, C)
+        groups = 1 if self.joint_view_bn else V
+        for m in self.trunk.modules():
+            if isinstance(m, _PerView):
+                m.groups = groups
+        fmap = self._trunk(images.transpose(0, 1).flatten(0, 1))  # (V*B, C, h, w), view-major
+        patches = fmap.flatten(2).transpose(1, 2)  # (V*B, P, C)
+        P, C = patches.shape[1:]
+        return patches.view(V, B, P, C).transpose(0, 1).reshape(B, V * P, C)  # (B, V*P, C): view 0's patches first
 
     def load_pretrained(self, source: Optional[str]) -> str:
         """Load ImageNet weights into the trunk; returns a one-line description of what happened.
