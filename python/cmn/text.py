@@ -18,8 +18,8 @@ Unicode. Lowercasing follows the Unicode tables of the RUNNING interpreter, as t
 reference does when run on it (Python 3.9/3.10: Unicode 13.0, 3.11: 14.0, 3.12: 15.0,
 3.13: 15.1): the first time text that is not ASCII is cleaned, the native layer asks
 this interpreter's ``str.lower`` for every character's lowercase and for its part in
-the final-sigma rule (cased, case-ignorable or neither), about a second once per
-process, and uses Rust's tables only where they agree. ``str.isspace`` is checked the
+the final-sigma rule (cased, case-ignorable or neither), a fraction of a second once
+per process, and uses Rust's tables only where they agree. ``str.isspace`` is checked the
 same way. So ``clean_report(t, ds) == cmn.text_ref.clean_report(t, ds)`` on every
 supported Python, for all characters, instead of the answer of one pinned version.
 ASCII text never needs the table.

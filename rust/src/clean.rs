@@ -153,12 +153,12 @@ pub fn case_probe(chars: &[char]) -> String {
 }
 
 impl PyCase {
-    /// Reads `python_lowered`, Python's `case_probe(chars).lower()`. Characters not
-    /// in `chars` keep Rust's lowercase and count as neither cased nor case-ignorable
-    /// (the binding probes all of them).
-    pub fn from_probe(chars: &[char], python_lowered: &str) -> Result<PyCase> {
+    /// Adds what `python_lowered`, Python's `case_probe(chars).lower()`, tells about
+    /// `chars`. Characters never added keep Rust's lowercase and count as neither cased
+    /// nor case-ignorable (the binding adds all of them, a slice at a time).
+    pub fn add_probe(&mut self, chars: &[char], python_lowered: &str) -> Result<()> {
         let mut rows = python_lowered.split('\n');
-        let mut table = PyCase::default();
+        let table = self;
         for &c in chars {
             let (Some(plain), Some(after_cased)) = (rows.next(), rows.next()) else {
                 return Err(Error::Invalid("the lowercase probe came back short".into()));
@@ -188,7 +188,7 @@ impl PyCase {
                 table.mapped.insert(c);
             }
         }
-        Ok(table)
+        Ok(())
     }
 
     /// Python's role of `c`.
@@ -754,7 +754,9 @@ mod tests {
             .replace("aʕσ\n", "aʕς\n")
             // Rust lowers U+A7CB to U+0264, a cased letter; this Python keeps it.
             .replace("\u{264}ς\n", "\u{a7cb}σ\n");
-        PyCase::from_probe(&chars, &python).unwrap()
+        let mut table = PyCase::default();
+        table.add_probe(&chars, &python).unwrap();
+        table
     }
 
     #[test]
@@ -772,8 +774,9 @@ mod tests {
         ] {
             assert_eq!(table.role(c), role, "{c:?}");
         }
-        assert!(PyCase::from_probe(&['a', 'b'], "aσ\naaσ\n").is_err());
-        assert!(PyCase::from_probe(&['a'], "aσ\nabσ\n").is_err());
+        let mut table = PyCase::default();
+        assert!(table.add_probe(&['a', 'b'], "aσ\naaσ\n").is_err());
+        assert!(table.add_probe(&['a'], "aσ\nabσ\n").is_err());
     }
 
     #[test]

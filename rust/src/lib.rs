@@ -97,8 +97,8 @@ fn array2<'py, T: Element>(
 
 /// Installs the running Python's lowercasing table (see [`clean::PyCase`]) before the
 /// first cleaning of text that is not ASCII (ASCII never needs it; deriving it takes
-/// a few hundred milliseconds, once per process); checks Python's whitespace against
-/// the cleaner's on the way.
+/// a fraction of a second, once per process); checks Python's whitespace against the
+/// cleaner's on the way.
 fn ensure_py_case(py: Python<'_>, texts: &[&str]) -> PyResult<()> {
     if clean::py_case_installed() || texts.iter().all(|t| t.is_ascii()) {
         return Ok(());
@@ -109,10 +109,15 @@ fn ensure_py_case(py: Python<'_>, texts: &[&str]) -> PyResult<()> {
         ))
     };
     let chars: Vec<char> = clean::case_probe_chars().collect();
-    let probe = clean::case_probe(&chars);
-    let lowered: String = PyString::new(py, &probe).call_method0("lower")?.extract()?;
-    drop(probe);
-    let table = clean::PyCase::from_probe(&chars, &lowered).map_err(|e| unsupported(to_py(e)))?;
+    let mut table = clean::PyCase::default();
+    // A slice at a time: the whole probe would hold about 100 MB at once.
+    for slice in chars.chunks(1 << 15) {
+        let probe = clean::case_probe(slice);
+        let lowered: String = PyString::new(py, &probe).call_method0("lower")?.extract()?;
+        table
+            .add_probe(slice, &lowered)
+            .map_err(|e| unsupported(to_py(e)))?;
+    }
     let all: String = chars.iter().collect();
     let pieces: Vec<String> = PyString::new(py, &all).call_method0("split")?.extract()?;
     clean::check_py_space(&all, &pieces).map_err(|e| unsupported(to_py(e)))?;
