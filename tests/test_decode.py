@@ -159,6 +159,61 @@ def test_bookkeeping_rejects_bad_input():
         bs.finalize()
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=1, beam_size=2**31, max_len=1), "beam_size must be an integer from 1 to 1048576, got 2147483648"),
+        (dict(batch_size=2**40, beam_size=1, max_len=1), "batch_size must be an integer from 1 to 1048576"),
+        (dict(batch_size=2**10, beam_size=2**10 + 1, max_len=1), "batch_size \\* beam_size must be at most 1048576 rows"),
+        (dict(batch_size=-1, beam_size=1, max_len=1), "batch_size must be an integer from 1 to 1048576, got -1"),
+        (dict(batch_size=1, beam_size=1, max_len=2**64), "max_len must be an integer from 1 to 9223372036854775807"),
+        (dict(batch_size=1, beam_size=1, max_len=1, eos_id=-1), "eos_id must be an integer from 0"),
+        (dict(batch_size=1, beam_size=1, max_len=1, no_repeat_ngram_size=-1), "no_repeat_ngram_size must be"),
+        (dict(batch_size=1, beam_size=2, max_len=1, n_best=3), "n_best must be an integer from 1 to beam_size \\(2\\)"),
+        (dict(batch_size=1, beam_size=1, max_len=1, length_penalty=float("nan")), "length_penalty must be finite"),
+    ],
+)
+def test_extreme_sizes_are_value_errors_naming_the_argument(kwargs, message):
+    # beam_size 2**31 used to abort the interpreter (failed allocation)
+    with pytest.raises(ValueError, match=message):
+        BeamSearch(**kwargs)
+
+
+def test_step_arguments_are_checked():
+    bs = BeamSearch(1, 2, 5, eos_id=9)
+    scores, indices = np.zeros((1, 4), np.float32), np.arange(4, dtype=np.int64)[None]
+    with pytest.raises(ValueError, match="eos_id 9 is outside the vocabulary 0..5"):
+        bs.step(scores, indices, 5)
+    bs = BeamSearch(1, 2, 5)
+    for vocab in (0, -1, 2**63, 2**62):
+        with pytest.raises(ValueError, match="vocab_size must be an integer from 1 to"):
+            bs.step(scores, indices, vocab)
+    with pytest.raises(TypeError, match="scores must be a 2-D float32 array, got a 2-D float64 array"):
+        bs.step(scores.astype(np.float64), indices, 5)
+    with pytest.raises(TypeError, match="indices must be a 2-D int64 array, got a 1-D int64 array"):
+        bs.step(scores, indices[0], 5)
+    with pytest.raises(TypeError, match="scores must be a 2-D float32 array, got list"):
+        bs.step([[0.0] * 4], indices, 5)
+    assert bs.num_rows == 2 and not bs.done
+
+
+def test_a_failed_step_leaves_the_search_as_it_was():
+    # item 1 offers only EOS candidates: the error comes after item 0 was looked at
+    bs, fresh = BeamSearch(2, 2, 5), BeamSearch(2, 2, 5)
+    scores = np.array([[-0.1, -0.2, -0.3, -0.4]] * 2, np.float32)
+    with pytest.raises(ValueError, match="non-EOS candidates"):
+        bs.step(scores, np.array([[1, 2, 3, 0], [0, 3, 0, 3]]), 3)
+    good = np.array([[1, 2, 3, 0], [1, 2, 3, 4]])
+    for a, b in zip(bs.step(scores, good, 3), fresh.step(scores, good, 3)):
+        np.testing.assert_array_equal(a, b)
+    logp = np.array([[-0.01, -5, -5]] * 4, np.float32)  # EOS next: both end now
+    top = (logp + bs.cum_scores()[:, None]).reshape(2, 6)
+    order = np.argsort(-top, axis=1, kind="stable")[:, :4]
+    step = (np.take_along_axis(top, order, 1), order.astype(np.int64), 3)
+    bs.step(*step), fresh.step(*step)
+    assert bs.done and bs.finalize() == fresh.finalize()
+
+
 def test_start_on_explicit_device_and_bos():
     model = TableModel(7, seed=2)
 

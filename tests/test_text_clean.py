@@ -115,11 +115,73 @@ def test_matches_reference_on_very_long_text(text):
         assert clean_report(long, ds) == ref_clean(long, ds)
 
 
-def test_unknown_to_pythons_unicode_database_is_left_alone():
-    # Upper-case letters newer than Python's Unicode tables: Python keeps them.
-    for ch in ("\u1c89", "\ua7cb", "\U00010d50", "\U00016ea0"):
-        if unicodedata.category(ch) == "Cn":
-            assert clean_report(f"AΣ{ch}", "iu_xray") == ref_clean(f"AΣ{ch}", "iu_xray")
+# -- Unicode: the running interpreter's tables, final sigma included ------------------
+#
+# Python lowers every character on its own except the capital sigma, which becomes final
+# (ς) when the nearest character before it that is not case-ignorable is cased and the
+# nearest one after it is not. So lowering is fixed by two facts per character, its
+# lowercase and its role (cased / case-ignorable / neither), and the cleaner equals
+# Python on EVERY string once it equals Python on these contexts for every character:
+# c right before a sigma, with and without a cased letter beyond it, and c right after
+# one, again with and without. The test below checks all of them for all of Unicode.
+
+SIGMA_CONTEXTS = ("{c}Σ", "A{c}Σ", "AΣ{c}", "AΣ{c}A")
+ALL_CHARS = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000 and c != 0x0A]
+
+
+@pytest.mark.parametrize("context", SIGMA_CONTEXTS)
+def test_final_sigma_matches_python_next_to_every_code_point(context):
+    text = "\n".join(context.format(c=c) for c in ALL_CHARS)
+    got = _native._py_lower(text)
+    if got != text.lower():
+        bad = [c for c in ALL_CHARS if _native._py_lower(context.format(c=c)) != context.format(c=c).lower()]
+        pytest.fail(f"{len(bad)} characters differ, e.g. {[f'U+{ord(c):04X}' for c in bad[:8]]}")
+
+
+def test_cleaning_matches_the_reference_next_to_every_code_point():
+    text = "\n".join(f"A{c}Σ {c}Σ" for c in ALL_CHARS)
+    assert clean_report(text, "iu_xray") == ref_clean(text, "iu_xray")
+
+
+def _sigma_roles(chars):
+    """This interpreter's cased and case-ignorable characters among ``chars``, told by
+    its own ``str.lower`` (Python has no other way to ask)."""
+    rows = "".join(f"{c}Σ\nA{c}Σ\n" for c in chars).lower().split("\n")
+    cased, ignorable = [], []
+    for c, plain, after_cased in zip(chars, rows[0::2], rows[1::2]):
+        if after_cased.endswith("ς"):
+            (cased if plain.endswith("ς") else ignorable).append(c)
+    return cased, ignorable
+
+
+_NEAR = [chr(c) for c in [*range(0x20000), *range(0xE0000, 0xE01F0)] if not 0xD800 <= c < 0xE000 and c != 0x0A]
+CASED, IGNORABLE = _sigma_roles(_NEAR)
+# Unassigned here, so lowered and classified by Rust's newer tables unless the cleaner
+# follows this interpreter.
+UNASSIGNED = [c for c in _NEAR if unicodedata.category(c) == "Cn"]
+NAMED = ["ΟΣʕ", "ΑΣ\ua7cb", "\ua7cbΣ", "ΑΣ\u1c89", "ΑΣ\U00010d50", "ΑΣ\U00016ea0", "Α\u0345Σ", "ΑΣ\u0345",
+         "Α'Σ'", "Α.Σ.Α", "ʕΣ", "ʕ'Σ", "Σʕ", "ΑΣʕΣ", "ΌΣΟΣ. ΣΟΦΟΣ", "ΑΣ\u00ad", "Α\u00adΣ\u00adΑ"]
+sigma_text = st.lists(
+    st.one_of(
+        st.just("Σ"), st.sampled_from(CASED), st.sampled_from(IGNORABLE), st.sampled_from(UNASSIGNED),
+        st.sampled_from(["σ", "ς", " ", ".", ". ", "'", "A", "a", "\n", "ʕ", "\u0345"]),
+    ),
+    max_size=24,
+).map("".join)
+
+
+@pytest.mark.parametrize("text", NAMED)
+def test_named_final_sigma_cases(text):
+    assert _native._py_lower(text) == text.lower()
+    for ds in DATASETS:
+        assert clean_report(text, ds) == ref_clean(text, ds)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=sigma_text, dataset=st.sampled_from(DATASETS))
+def test_matches_reference_around_sigma_and_case_ignorable_characters(text, dataset):
+    assert _native._py_lower(text) == text.lower()
+    assert clean_report(text, dataset) == ref_clean(text, dataset)
 
 
 # -- batch, bytes and bad input --------------------------------------------------------
@@ -145,6 +207,15 @@ def test_bad_text_is_a_data_error(bad, message):
         clean_report(bad, "mimic_cxr")
     with pytest.raises(DataError, match="report 1"):
         clean_reports(["fine", bad], "mimic_cxr")
+
+
+@pytest.mark.parametrize("one", ["a str. Another", b"bytes", bytearray(b"x")])
+def test_one_report_where_a_list_belongs_is_a_type_error(one):
+    # iterating it would clean each character (or byte) as a report
+    with pytest.raises(TypeError, match=f"texts must be a list of reports, not a single {type(one).__name__}"):
+        clean_reports(one, "iu_xray")
+    with pytest.raises(TypeError, match="not a single"):
+        _native.clean_reports(one, "iu_xray")
 
 
 def test_unknown_dataset_is_a_data_error():

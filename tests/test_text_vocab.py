@@ -146,3 +146,69 @@ def test_bytes_reports_and_bad_reports():
         tok.encode_batch(["ok", "bad \ud800"], 4)
     with pytest.raises(DataError, match="report 0 is not valid UTF-8"):
         Tokenizer.build([b"\xc3("], 1, "iu_xray")
+
+
+def _vocab_file(vocab):
+    return json.dumps({"model": {"type": "WordLevel", "unk_token": "<unk>", "cmn_dataset": "iu_xray", "vocab": vocab}})
+
+
+@pytest.mark.parametrize(
+    "vocab, message",
+    [
+        ({"x": 0, "<unk>": 1, "<pad>": 2}, '"<pad>" \\(BOS/EOS/padding\\) must have id 0, found 2'),
+        ({"<pad>": 0, "<unk>": 1, "x": 0}, 'id 0 is reserved for "<pad>", but "x" has it too'),
+        ({"<unk>": 1, "x": 0}, 'no "<pad>" token with id 0'),
+        ({"<pad>": 0, "<unk>": 1, "a b": 2}, "holds whitespace"),
+        ({"<pad>": 0, "<unk>": 1, "": 2}, "is empty"),
+    ],
+)
+def test_file_that_would_not_read_back_is_refused(tmp_path, vocab, message):
+    # `<pad>` at another id used to load, then save a file with "<pad>" twice that the
+    # next load rejected or read differently.
+    with pytest.raises(DataError, match=message):
+        Tokenizer.from_str(_vocab_file(vocab))
+    path = tmp_path / "tokenizer.json"
+    path.write_text(_vocab_file(vocab))
+    with pytest.raises(DataError, match=f"tokenizer.json: .*{message}"):
+        Tokenizer.from_file(path)
+
+
+def test_every_accepted_file_reads_back_the_same(tmp_path):
+    tok = Tokenizer.from_str(_vocab_file({"<pad>": 0, "<unk>": 2, "b": 1, "é": 3}))
+    tok.save(tmp_path / "t.json")
+    assert Tokenizer.from_file(tmp_path / "t.json") == tok
+    assert [tok.id_to_token(i) for i in range(len(tok))] == ["<pad>", "b", "<unk>", "é"]
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda tok: tok.encode_batch("the lungs", 4), TypeError, "reports must be a list of reports, not a single str"),
+        (lambda tok: tok.encode_batch(b"the lungs", 4), TypeError, "not a single bytes"),
+        (lambda tok: Tokenizer.build("the lungs", 1, "iu_xray"), TypeError, "reports must be a list of reports"),
+        (lambda tok: tok.decode("12"), TypeError, "ids must be a sequence of ints, not str"),
+        (lambda tok: tok.decode([1.5]), TypeError, "float"),
+        (lambda tok: tok.decode_batch(np.array([[1.7, 0.0]])), TypeError, "integer ids, got dtype float64"),
+        (lambda tok: tok.decode_batch("12"), TypeError, "rows of ints, not str"),
+        (lambda tok: tok.id_to_token(1.5), TypeError, "float"),
+        (lambda tok: tok.encode_batch(["a"], 2.5), TypeError, "max_len"),
+        (lambda tok: tok.encode_batch(["a"], 2**40), ValueError, "max_len must be an integer from 0 to 1048576, got 1099511627776"),
+        (lambda tok: tok.encode_batch(["a"], -(2**70)), ValueError, "max_len must be an integer from 0 to 1048576"),
+        (lambda tok: Tokenizer.build(["a"], 2.5, "iu_xray"), TypeError, "threshold"),
+        (lambda tok: Tokenizer.from_str("{\ud800}"), DataError, "lone surrogate"),
+    ],
+)
+def test_wrong_kind_of_argument_is_an_error_not_a_silent_reading(call, error, message):
+    tok = Tokenizer.build(corpus(10), 1, "iu_xray")
+    with pytest.raises(error, match=message):
+        call(tok)
+
+
+def test_ids_and_thresholds_beyond_int64():
+    tok = Tokenizer.build(corpus(10), 1, "iu_xray")
+    assert tok.id_to_token(2**64) is None and tok.id_to_token(-(2**64)) is None
+    assert tok.token_to_id("\ud800") is None
+    with pytest.raises(DataError, match=f"token id {2**64} is outside the vocabulary"):
+        tok.decode([3, 2**64])
+    assert len(Tokenizer.build(corpus(10), 2**70, "iu_xray")) == 2  # nothing reaches it: <pad>, <unk>
+    assert len(Tokenizer.build(corpus(10), -(2**70), "iu_xray")) == len(tok)

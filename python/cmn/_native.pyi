@@ -1,4 +1,14 @@
-"""Type stub of the Rust extension ``cmn._native`` (use it through :mod:`cmn.text`)."""
+"""Type stub of the Rust extension ``cmn._native`` (use it through :mod:`cmn.text`).
+
+Every size and count is checked before anything is allocated; one out of range (also a
+negative one, or one beyond int64) is a ``ValueError`` naming the argument and its
+limits, never a panic or an abort: ``Tokenizer.encode_batch`` ``max_len`` 0 to 2**20;
+``BeamSearch`` ``batch_size`` and ``beam_size`` 1 to 2**20 with their product at most
+2**20 rows, ``n_best`` 1 to ``beam_size``, ``max_len`` 1 and ``no_repeat_ngram_size`` 0 to
+2**63-1, ``eos_id`` 0 to 2**63-1 (and below ``vocab_size`` at each step); ``step``'s
+``vocab_size`` 1 to (2**63-1) // ``beam_size``. Batch calls refuse a single ``str`` or
+``bytes`` (``TypeError``); arrays of another dtype or rank are a ``TypeError`` too.
+"""
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -26,7 +36,8 @@ class Tokenizer:
     def unk_id(self) -> int: ...
     def __len__(self) -> int: ...
     def token_to_id(self, token: str) -> Optional[int]: ...
-    def id_to_token(self, id: int) -> Optional[str]: ...
+    def id_to_token(self, id: int) -> Optional[str]:
+        """``None`` for any int that is not an id, however large."""
     def encode(self, report: _Text) -> list[int]: ...
     def encode_batch(self, reports: Sequence[_Text], max_len: int) -> npt.NDArray[np.int64]: ...
     def decode(self, ids: Sequence[int]) -> str: ...

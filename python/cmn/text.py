@@ -8,13 +8,28 @@ a real id, 0 = BOS = EOS = padding.
 
 Input text is ``str`` or UTF-8 ``bytes``. Text that is not valid Unicode (a ``str``
 holding a lone surrogate such as ``"\\udcff"``, or bytes that are not UTF-8) raises
-:class:`cmn.errors.DataError` naming the problem; nothing is replaced silently.
+:class:`cmn.errors.DataError` naming the problem; nothing is replaced silently. A batch
+call given one ``str``/``bytes`` instead of a list of reports, a float where an int
+belongs, or an id array of another dtype is a ``TypeError``, never a silent reading;
+a size out of range is a ``ValueError`` naming the argument and its limit (the native
+layer checks every size before it allocates, see ``_native.pyi``).
+
+Unicode. Lowercasing follows the Unicode tables of the RUNNING interpreter, as the
+reference does when run on it (Python 3.9/3.10: Unicode 13.0, 3.11: 14.0, 3.12: 15.0,
+3.13: 15.1): the first time text that is not ASCII is cleaned, the native layer asks
+this interpreter's ``str.lower`` for every character's lowercase and for its part in
+the final-sigma rule (cased, case-ignorable or neither), a fraction of a second once
+per process, and uses Rust's tables only where they agree. ``str.isspace`` is checked the
+same way. So ``clean_report(t, ds) == cmn.text_ref.clean_report(t, ds)`` on every
+supported Python, for all characters, instead of the answer of one pinned version.
+ASCII text never needs the table.
 
 Batch calls (:func:`clean_reports`, :meth:`Tokenizer.build`,
 :meth:`Tokenizer.encode_batch`) release the GIL and use every core.
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Iterable, Optional, Sequence, Union
 
@@ -22,6 +37,7 @@ import numpy as np
 
 from cmn import _native
 from cmn.errors import DataError
+from cmn.fsutil import write_atomic
 
 #: Beam-search bookkeeping driven by :func:`cmn.decode.beam_search`; see ``_native.pyi``.
 BeamSearch = _native.BeamSearch
@@ -43,7 +59,11 @@ def _data_errors(fn):
     return wrapped
 
 
-def _as_list(items: Iterable[Text]) -> list:
+def _as_list(items: Iterable[Text], name: str) -> list:
+    # One report is iterable too (by character or byte): refuse it rather than clean
+    # each character as a report.
+    if isinstance(items, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be a list of reports, not a single {type(items).__name__}: wrap it in a list")
     # The native side holds its own references to the items, so a list is passed as is.
     return items if type(items) is list else list(items)
 
@@ -57,15 +77,18 @@ def clean_report(text: Text, dataset: str) -> str:
 @_data_errors
 def clean_reports(texts: Iterable[Text], dataset: str) -> list[str]:
     """:func:`clean_report` of each text, in parallel and without the GIL."""
-    return _native.clean_reports(_as_list(texts), dataset)
+    return _native.clean_reports(_as_list(texts, "texts"), dataset)
 
 
 def _as_ids(ids) -> list[int]:
+    if isinstance(ids, (str, bytes, bytearray)):
+        raise TypeError(f"ids must be a sequence of ints, not {type(ids).__name__}")
     if hasattr(ids, "detach"):  # torch tensor, any device
         ids = ids.detach().cpu()
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
-    return [int(i) for i in ids]
+    # operator.index, not int(): a float id is an error, not truncated.
+    return [operator.index(i) for i in ids]
 
 
 class Tokenizer:
@@ -89,7 +112,7 @@ class Tokenizer:
     def build(cls, reports: Iterable[Text], threshold: int, dataset: str) -> "Tokenizer":
         """Vocabulary of the RAW training ``reports`` (cleaned here): tokens seen at least
         ``threshold`` times, plus ``<unk>``."""
-        return cls(_native.Tokenizer.build(_as_list(reports), int(threshold), dataset))
+        return cls(_native.Tokenizer.build(_as_list(reports, "reports"), threshold, dataset))
 
     @classmethod
     @_data_errors
@@ -115,9 +138,8 @@ class Tokenizer:
         return self._core.to_str()
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``tokenizer.json`` to ``path``."""
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_str())
+        """Write ``tokenizer.json`` to ``path`` (atomically)."""
+        write_atomic(path, self.to_str())
 
     @property
     def dataset(self) -> str:
@@ -134,7 +156,7 @@ class Tokenizer:
         return self._core.token_to_id(token)
 
     def id_to_token(self, id: int) -> Optional[str]:
-        return self._core.id_to_token(int(id))
+        return self._core.id_to_token(operator.index(id))
 
     @_data_errors
     def encode(self, report: Text) -> list[int]:
@@ -143,10 +165,9 @@ class Tokenizer:
 
     @_data_errors
     def encode_batch(self, reports: Iterable[Text], max_len: int) -> np.ndarray:
-        """int64 ``(n, max_len)``: row i is ``encode(reports[i])[:max_len]`` then 0-padded."""
-        if max_len < 0:
-            raise ValueError(f"max_len must be >= 0, got {max_len}")
-        return self._core.encode_batch(_as_list(reports), int(max_len))
+        """int64 ``(n, max_len)``: row i is ``encode(reports[i])[:max_len]`` then 0-padded.
+        ``max_len`` from 0 to 2**20 (ValueError otherwise)."""
+        return self._core.encode_batch(_as_list(reports, "reports"), max_len)
 
     @_data_errors
     def decode(self, ids) -> str:
@@ -162,12 +183,17 @@ class Tokenizer:
         if isinstance(ids, np.ndarray):
             if ids.ndim != 2:
                 raise ValueError(f"decode_batch expects a 2-D array, got shape {ids.shape}")
+            if ids.dtype.kind not in "iu":
+                raise TypeError(f"decode_batch expects integer ids, got dtype {ids.dtype}")
             return self._core.decode_batch(np.ascontiguousarray(ids, dtype=np.int64))
+        if isinstance(ids, (str, bytes, bytearray)):
+            raise TypeError(f"ids must be rows of ints, not {type(ids).__name__}")
         return [self._core.decode(_as_ids(row)) for row in ids]
 
     def __getstate__(self) -> str:
         return self.to_str()
 
+    @_data_errors
     def __setstate__(self, state: str) -> None:
         self._core = _native.Tokenizer.from_str(state)
 

@@ -17,10 +17,28 @@
 //! `n_best`-th best ended score is at least every live score: log-probabilities are
 //! at most 0, so no live beam can overtake it. Scores of ended hypotheses are
 //! `sum_logprob / length^length_penalty`, length counting the EOS.
+//!
+//! Sizes come from Python unchecked, so every one is bounded here ([`MAX_ROWS`],
+//! [`MAX_LEN`], int64 flat indices) and the state is allocated fallibly: a bad size is
+//! an error, never an allocation abort.
 use std::cmp::Ordering;
 
-use crate::error::Result;
+use crate::error::{out_of_range, Result};
 use crate::invalid;
+
+/// Most rows (`batch_size * beam_size`) one search keeps: far beyond what a decoder
+/// holds, small enough that the bookkeeping (about 100 bytes a row) always fits.
+pub const MAX_ROWS: usize = 1 << 20;
+/// Largest `max_len` (and `no_repeat_ngram_size`): any int64 count of steps.
+pub const MAX_LEN: usize = i64::MAX as usize;
+
+/// An empty vector with room for `n` values, or an error instead of an abort.
+fn try_vec<T>(n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| invalid!("cannot allocate beam-search state for {n} entries"))?;
+    Ok(v)
+}
 
 /// Settings of one search.
 #[derive(Clone, Debug)]
@@ -74,40 +92,65 @@ pub struct BeamSearch {
 
 impl BeamSearch {
     pub fn new(cfg: BeamConfig) -> Result<BeamSearch> {
-        if cfg.batch_size == 0 || cfg.beam_size == 0 || cfg.max_len == 0 || cfg.n_best == 0 {
-            return Err(invalid!(
-                "batch_size, beam_size, max_len and n_best must be positive (got {}, {}, {}, {})",
-                cfg.batch_size,
-                cfg.beam_size,
-                cfg.max_len,
-                cfg.n_best
-            ));
+        for (name, value) in [("batch_size", cfg.batch_size), ("beam_size", cfg.beam_size)] {
+            if !(1..=MAX_ROWS).contains(&value) {
+                return Err(out_of_range(name, 1, MAX_ROWS, value));
+            }
         }
-        if cfg.n_best > cfg.beam_size {
+        if cfg.batch_size * cfg.beam_size > MAX_ROWS {
             return Err(invalid!(
-                "n_best ({}) cannot exceed beam_size ({})",
-                cfg.n_best,
+                "batch_size * beam_size must be at most {MAX_ROWS} rows, got {} * {}",
+                cfg.batch_size,
                 cfg.beam_size
             ));
         }
+        if !(1..=MAX_LEN).contains(&cfg.max_len) {
+            return Err(out_of_range("max_len", 1, MAX_LEN, cfg.max_len));
+        }
+        if !(1..=cfg.beam_size).contains(&cfg.n_best) {
+            return Err(out_of_range(
+                "n_best",
+                1,
+                format!("beam_size ({})", cfg.beam_size),
+                cfg.n_best,
+            ));
+        }
+        if cfg.eos_id < 0 {
+            return Err(out_of_range("eos_id", 0, i64::MAX, cfg.eos_id));
+        }
+        if cfg.no_repeat_ngram_size > MAX_LEN {
+            return Err(out_of_range(
+                "no_repeat_ngram_size",
+                0,
+                MAX_LEN,
+                cfg.no_repeat_ngram_size,
+            ));
+        }
         if !cfg.length_penalty.is_finite() {
-            return Err(invalid!("length_penalty must be finite"));
+            return Err(invalid!(
+                "length_penalty must be finite, got {}",
+                cfg.length_penalty
+            ));
         }
         // All beams start from BOS; only the first may expand at step 0.
-        let start: Vec<Beam> = (0..cfg.beam_size)
-            .map(|j| Beam {
-                tokens: Vec::new(),
-                score: if j == 0 { 0.0 } else { f32::NEG_INFINITY },
-            })
-            .collect();
-        let items = (0..cfg.batch_size)
-            .map(|_| Item {
-                beams: start.clone(),
+        let start = |_| Beam {
+            tokens: Vec::new(),
+            score: f32::NEG_INFINITY,
+        };
+        let mut items = try_vec(cfg.batch_size)?;
+        for _ in 0..cfg.batch_size {
+            let mut beams = try_vec(cfg.beam_size)?;
+            beams.extend((0..cfg.beam_size).map(start));
+            beams[0].score = 0.0;
+            items.push(Item {
+                beams,
                 ended: Vec::new(),
-            })
-            .collect();
+            });
+        }
+        let mut live = try_vec(cfg.batch_size)?;
+        live.extend(0..cfg.batch_size);
         Ok(BeamSearch {
-            live: (0..cfg.batch_size).collect(),
+            live,
             items,
             cfg,
             steps: 0,
@@ -182,21 +225,40 @@ impl BeamSearch {
         if self.is_done() {
             return Err(invalid!("step() called after every item finished"));
         }
-        if k == 0 || (k < 2 * beam && k != beam * vocab_size) {
+        // Flat indices are int64: beam_size * vocab_size must fit.
+        let limit = beam
+            .checked_mul(vocab_size)
+            .and_then(|n| i64::try_from(n).ok())
+            .filter(|_| vocab_size > 0)
+            .ok_or_else(|| {
+                out_of_range(
+                    "vocab_size",
+                    1,
+                    format!("{} for beam_size {beam}", i64::MAX as usize / beam),
+                    vocab_size,
+                )
+            })?;
+        if usize::try_from(self.cfg.eos_id).map_or(true, |eos| eos >= vocab_size) {
+            return Err(invalid!(
+                "eos_id {} is outside the vocabulary 0..{vocab_size}",
+                self.cfg.eos_id
+            ));
+        }
+        if k == 0 || (k < 2 * beam && k as i64 != limit) {
             return Err(invalid!(
                 "need k >= 2 * beam_size = {} candidates per item, got {k}",
                 2 * beam
             ));
         }
         let n_items = self.live.len();
-        if scores.len() != n_items * k || indices.len() != n_items * k {
+        let expected = n_items.checked_mul(k);
+        if expected != Some(scores.len()) || expected != Some(indices.len()) {
             return Err(invalid!(
                 "expected ({n_items}, {k}) candidate scores and indices for {n_items} live items, got {} and {} values",
                 scores.len(),
                 indices.len()
             ));
         }
-        let limit = (beam * vocab_size) as i64;
         if let Some(bad) = indices.iter().find(|&&i| i < 0 || i >= limit) {
             return Err(invalid!(
                 "candidate index {bad} is outside 0..beam_size*vocab_size = 0..{limit}"
@@ -211,14 +273,19 @@ impl BeamSearch {
             reorder: Vec::with_capacity(n_items * beam),
             cum_scores: Vec::with_capacity(n_items * beam),
         };
-        let mut still_live = Vec::with_capacity(n_items);
-        for (pos, &b) in self.live.clone().iter().enumerate() {
+        // Nothing changes before every item has its new beams, so an error leaves the
+        // search as it was: per live item, its newly ended hypotheses and, unless it is
+        // done, its new beams.
+        let mut updates: Vec<(usize, Vec<Hypothesis>, Option<Vec<Beam>>)> =
+            Vec::with_capacity(n_items);
+        for (pos, &b) in self.live.iter().enumerate() {
             let mut order: Vec<usize> = (pos * k..(pos + 1) * k).collect();
             order.sort_by(|&x, &y| {
                 scores[y]
                     .total_cmp(&scores[x])
                     .then(indices[x].cmp(&indices[y]))
             });
+            let mut ended = Vec::new();
             let mut next: Vec<(usize, Beam)> = Vec::with_capacity(beam);
             for (rank, &c) in order.iter().enumerate() {
                 let (parent, token) = (
@@ -231,7 +298,7 @@ impl BeamSearch {
                         let tokens = self.items[b].beams[parent].tokens.clone();
                         let length = tokens.len() + 1;
                         let score = self.normalized(score, length);
-                        self.items[b].ended.push(Hypothesis { tokens, score });
+                        ended.push(Hypothesis { tokens, score });
                     }
                     continue;
                 }
@@ -253,7 +320,7 @@ impl BeamSearch {
                     if beam_state.score > f32::NEG_INFINITY {
                         let length = beam_state.tokens.len();
                         let score = self.normalized(beam_state.score, length);
-                        self.items[b].ended.push(Hypothesis {
+                        ended.push(Hypothesis {
                             tokens: beam_state.tokens.clone(),
                             score,
                         });
@@ -261,9 +328,10 @@ impl BeamSearch {
                 }
                 true
             } else {
-                self.item_is_done(b, &next)
+                self.item_is_done(b, &ended, &next)
             };
             if item_done {
+                updates.push((b, ended, None));
                 continue;
             }
             for (parent, beam_state) in &next {
@@ -272,23 +340,32 @@ impl BeamSearch {
                 out.reorder.push((pos * beam + parent) as i64);
                 out.cum_scores.push(beam_state.score);
             }
-            self.items[b].beams = next.into_iter().map(|(_, s)| s).collect();
-            still_live.push(b);
+            updates.push((b, ended, Some(next.into_iter().map(|(_, s)| s).collect())));
+        }
+        let mut still_live = Vec::with_capacity(n_items);
+        for (b, ended, beams) in updates {
+            self.items[b].ended.extend(ended);
+            if let Some(beams) = beams {
+                self.items[b].beams = beams;
+                still_live.push(b);
+            }
         }
         self.live = still_live;
         self.steps += 1;
         Ok(out)
     }
 
-    fn item_is_done(&self, b: usize, next: &[(usize, Beam)]) -> bool {
-        let ended = &self.items[b].ended;
-        if ended.len() >= self.cfg.beam_size {
+    /// Whether item `b` is done with `new_ended` added to its ended hypotheses.
+    fn item_is_done(&self, b: usize, new_ended: &[Hypothesis], next: &[(usize, Beam)]) -> bool {
+        let old = &self.items[b].ended;
+        let count = old.len() + new_ended.len();
+        if count >= self.cfg.beam_size {
             return true;
         }
-        if self.cfg.length_penalty != 0.0 || ended.len() < self.cfg.n_best {
+        if self.cfg.length_penalty != 0.0 || count < self.cfg.n_best {
             return false;
         }
-        let mut best: Vec<f64> = ended.iter().map(|h| h.score).collect();
+        let mut best: Vec<f64> = old.iter().chain(new_ended).map(|h| h.score).collect();
         best.sort_by(|x, y| y.total_cmp(x));
         let best_live = next
             .iter()
@@ -434,5 +511,53 @@ mod tests {
         assert!(bs.step(&[0.0; 3], &[0, 1, 2], 3, 5).is_err());
         assert!(bs.step(&[f32::NAN; 4], &[0, 1, 2, 3], 4, 5).is_err());
         assert!(bs.finalize().is_err());
+    }
+
+    #[test]
+    fn a_failed_step_changes_nothing() {
+        // Item 0 is fine, item 1 has too few non-EOS candidates: the error comes after
+        // item 0 was looked at, and must not have touched it.
+        let mut bs = BeamSearch::new(cfg(2, 2, 5)).unwrap();
+        let scores = [-0.1, -0.2, -0.3, -0.4, -0.1, -0.2, -0.3, -0.4];
+        let bad = [1, 2, 3, 0, 0, 3, 0, 3];
+        assert!(bs.step(&scores, &bad, 4, 3).is_err());
+        let mut fresh = BeamSearch::new(cfg(2, 2, 5)).unwrap();
+        assert_eq!(format!("{:?}", bs.items), format!("{:?}", fresh.items));
+        assert_eq!((&bs.live, bs.steps), (&fresh.live, fresh.steps));
+        let good = [1, 2, 3, 0, 1, 2, 3, 4];
+        assert_eq!(
+            bs.step(&scores, &good, 4, 3).unwrap(),
+            fresh.step(&scores, &good, 4, 3).unwrap()
+        );
+        assert_eq!(bs.cum_scores(), fresh.cum_scores());
+        assert_eq!(bs.banned(), fresh.banned());
+    }
+
+    #[test]
+    fn extreme_sizes_are_errors_not_aborts() {
+        for (batch, beam) in [
+            (1, MAX_ROWS + 1),
+            (MAX_ROWS + 1, 1),
+            (1 << 11, 1 << 11),
+            (usize::MAX, usize::MAX),
+        ] {
+            let err = BeamSearch::new(cfg(batch, beam, 1)).err().unwrap();
+            assert!(err.to_string().contains(&MAX_ROWS.to_string()), "{err}");
+        }
+        assert!(BeamSearch::new(cfg(1, MAX_ROWS, MAX_LEN)).is_ok());
+        assert!(BeamSearch::new(cfg(1, 1, MAX_LEN + 1)).is_err());
+        let mut c = cfg(1, 2, 3);
+        c.eos_id = -1;
+        assert!(BeamSearch::new(c.clone()).is_err());
+        c.eos_id = 7;
+        let mut bs = BeamSearch::new(c).unwrap();
+        let err = bs.step(&[0.0; 4], &[0, 1, 2, 3], 4, 5).unwrap_err();
+        assert!(err.to_string().contains("eos_id 7"), "{err}");
+        let mut bs = BeamSearch::new(cfg(1, 2, 3)).unwrap();
+        for vocab in [0, usize::MAX, usize::MAX / 2, i64::MAX as usize] {
+            let err = bs.step(&[0.0; 4], &[0, 1, 2, 3], 4, vocab).unwrap_err();
+            assert!(err.to_string().contains("vocab_size"), "{err}");
+        }
+        assert!(bs.step(&[0.0; 4], &[0, 1, 2, 3], 4, 1 << 40).is_ok());
     }
 }

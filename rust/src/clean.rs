@@ -2,17 +2,21 @@
 //! (R2GenCMN `clean_report_iu_xray` / `clean_report_mimic_cxr`), quirks included.
 //!
 //! The reference is Python, so three Python string semantics are reproduced here
-//! rather than Rust's: `str.isspace` (used by `strip` and `split()`), `str.lower`
-//! (Unicode database of the Python that runs the reference, 14.0 for 3.11) and
-//! `str.split(". ")`. Quirks kept on purpose, each pinned by a named test:
+//! rather than Rust's: `str.isspace` (used by `strip` and `split()`), `str.lower` and
+//! `str.split(". ")`. `str.lower` depends on the Unicode version of the interpreter
+//! (3.9/3.10: 13.0, 3.11: 14.0, 3.12: 15.0, 3.13: 15.1), which is not Rust's: the
+//! binding derives a [`PyCase`] table from the running Python once per process, so
+//! the output is the reference's as run by that same interpreter. Quirks kept on
+//! purpose, each pinned by a named test:
 //! * the punctuation class `[.,?;*!%^&_+():-\[\]{}]` holds the *range* `:-\[`,
 //!   so `: ; < = > ? @ [` and `A-Z` are removed while `-` itself is kept;
 //! * the "empty sentence" filter compares a string with a list and never filters,
 //!   so empty sentences survive as ` . ` runs;
 //! * a literal `1. ` is deleted anywhere in the text (also inside `11. ` or `21. `).
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
 use memchr::memmem::Finder;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::error::{Error, Result};
 
@@ -74,47 +78,209 @@ pub fn py_split_whitespace(s: &str) -> impl Iterator<Item = &str> {
     s.split(is_py_space).filter(|t| !t.is_empty())
 }
 
-/// Upper-case letters that Rust's Unicode tables (newer than 14.0) lowercase but
-/// Python 3.11's `str.lower` leaves alone because they are unassigned there.
-fn unknown_to_python(c: char) -> bool {
-    matches!(
-        c,
-        '\u{1c89}'
-            | '\u{a7cb}'
-            | '\u{a7cc}'
-            | '\u{a7ce}'
-            | '\u{a7d2}'
-            | '\u{a7d4}'
-            | '\u{a7da}'
-            | '\u{a7dc}'
-            | '\u{10d50}'..='\u{10d65}'
-            | '\u{16ea0}'..='\u{16eb8}'
-    )
+/// How a character takes part in the final-sigma rule of `str.lower` (Unicode
+/// section 3.13, the same in Python and Rust): scanning away from a `Σ`, case-ignorable
+/// characters are skipped and the first other one decides, by being cased or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SigmaRole {
+    /// `Case_Ignorable` (a character that is also cased counts as this: it is skipped).
+    Ignorable,
+    /// `Cased` and not case-ignorable.
+    Cased,
+    /// Neither: it ends the scan as a non-cased character.
+    Other,
 }
 
-/// Python's `str.lower()` (full case mapping, final sigma).
+/// A set of code points.
+#[derive(Clone, Debug, Default)]
+struct CharSet(Vec<u64>);
+
+impl CharSet {
+    fn insert(&mut self, c: char) {
+        let word = c as usize / 64;
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (c as usize % 64);
+    }
+
+    fn contains(&self, c: char) -> bool {
+        self.0
+            .get(c as usize / 64)
+            .is_some_and(|w| w & (1 << (c as usize % 64)) != 0)
+    }
+}
+
+/// The running Python's `str.lower`, as a difference to Rust's.
 ///
-/// Characters unknown to Python's database are copied unchanged and split the text,
-/// because to Python they are neither cased nor case-ignorable, which is also what a
-/// string boundary means for the final-sigma rule.
+/// Python and Rust follow different Unicode versions (3.9/3.10: 13.0, 3.11: 14.0, 3.12:
+/// 15.0, 3.13: 15.1; Rust: [`char::UNICODE_VERSION`]), so a character assigned, re-cased
+/// or re-classified in between is lowered, or steers the final sigma, differently. The
+/// binding derives this table once per process from the interpreter itself
+/// ([`case_probe`]): Python's lowercase of each character where it is not Rust's, and
+/// Python's [`SigmaRole`] of every character. The cleaner then equals the reference
+/// as run by the same Python, whatever its Unicode version.
+#[derive(Clone, Debug, Default)]
+pub struct PyCase {
+    /// Python's lowercase where it differs from `char::to_lowercase`.
+    mapping: HashMap<char, Box<str>>,
+    /// The keys of `mapping`, for the per-character test.
+    mapped: CharSet,
+    cased: CharSet,
+    ignorable: CharSet,
+}
+
+static PY_CASE: OnceLock<PyCase> = OnceLock::new();
+
+/// Every character [`case_probe`] covers: all Unicode scalar values but `'\n'`, the
+/// probe's row separator (ASCII, lowered and classified alike everywhere).
+pub fn case_probe_chars() -> impl Iterator<Item = char> {
+    ('\0'..=char::MAX).filter(|&c| c != '\n')
+}
+
+/// Text whose lowercase tells each character's lowercase and [`SigmaRole`]: per
+/// character `c` the rows `cΣ` (final sigma only after a cased `c`) and `AcΣ` (not
+/// final only after a `c` that is neither cased nor case-ignorable), each ended by
+/// `'\n'`, which is neither, so rows do not interact.
+pub fn case_probe(chars: &[char]) -> String {
+    let mut probe = String::with_capacity(chars.len() * 16);
+    for &c in chars {
+        for x in [c, 'Σ', '\n', 'A', c, 'Σ', '\n'] {
+            probe.push(x);
+        }
+    }
+    probe
+}
+
+impl PyCase {
+    /// Adds what `python_lowered`, Python's `case_probe(chars).lower()`, tells about
+    /// `chars`. Characters never added keep Rust's lowercase and count as neither cased
+    /// nor case-ignorable (the binding adds all of them, a slice at a time).
+    pub fn add_probe(&mut self, chars: &[char], python_lowered: &str) -> Result<()> {
+        let mut rows = python_lowered.split('\n');
+        let table = self;
+        for &c in chars {
+            let (Some(plain), Some(after_cased)) = (rows.next(), rows.next()) else {
+                return Err(Error::Invalid("the lowercase probe came back short".into()));
+            };
+            let bad = || {
+                Error::Invalid(format!(
+                    "unexpected lowercase probe rows {plain:?}, {after_cased:?} for U+{:04X}",
+                    c as u32
+                ))
+            };
+            let lower = plain.strip_suffix(['σ', 'ς']).ok_or_else(bad)?;
+            let sigma = after_cased
+                .strip_prefix('a')
+                .and_then(|rest| rest.strip_prefix(lower))
+                .ok_or_else(bad)?;
+            if sigma == "ς" {
+                if plain.ends_with('ς') {
+                    table.cased.insert(c);
+                } else {
+                    table.ignorable.insert(c);
+                }
+            } else if sigma != "σ" {
+                return Err(bad());
+            }
+            if !lower.chars().eq(c.to_lowercase()) {
+                table.mapping.insert(c, lower.into());
+                table.mapped.insert(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Python's role of `c`.
+    pub fn role(&self, c: char) -> SigmaRole {
+        if self.ignorable.contains(c) {
+            SigmaRole::Ignorable
+        } else if self.cased.contains(c) {
+            SigmaRole::Cased
+        } else {
+            SigmaRole::Other
+        }
+    }
+
+    /// The characters Python lowers differently from Rust.
+    pub fn remapped(&self) -> impl Iterator<Item = char> + '_ {
+        self.mapping.keys().copied()
+    }
+
+    /// Whether the first character of `chars` that is not case-ignorable is cased.
+    fn cased_after_ignorable<'c>(&self, mut chars: impl Iterator<Item = &'c char>) -> bool {
+        chars
+            .find(|&&c| !self.ignorable.contains(c))
+            .is_some_and(|&c| self.cased.contains(c))
+    }
+
+    /// `str.lower` with this table: full case mapping, `Σ` final where it follows a
+    /// cased character (case-ignorable ones skipped) and no cased one follows.
+    pub fn lower(&self, s: &str) -> String {
+        // Without a sigma the roles do not matter, and Rust's mapping is Python's
+        // for every character not remapped.
+        if !s.chars().any(|c| c == 'Σ' || self.mapped.contains(c)) {
+            return s.to_lowercase();
+        }
+        let chars: Vec<char> = s.chars().collect();
+        let mut out = String::with_capacity(s.len());
+        for (i, &c) in chars.iter().enumerate() {
+            if c == 'Σ' {
+                let is_final = self.cased_after_ignorable(chars[..i].iter().rev())
+                    && !self.cased_after_ignorable(chars[i + 1..].iter());
+                out.push(if is_final { 'ς' } else { 'σ' });
+            } else if let Some(lower) = self.mapping.get(&c) {
+                out.push_str(lower);
+            } else {
+                out.extend(c.to_lowercase());
+            }
+        }
+        out
+    }
+}
+
+/// Makes [`py_lower`] follow `table` from now on (the first table installed stays).
+pub fn install_py_case(table: PyCase) {
+    let _ = PY_CASE.set(table);
+}
+
+/// Whether a Python table is installed (the binding installs one before it cleans
+/// text that is not ASCII).
+pub fn py_case_installed() -> bool {
+    PY_CASE.get().is_some()
+}
+
+/// Python's `str.lower()` (full case mapping, final sigma), with the installed
+/// [`PyCase`] table; before one is installed (pure Rust use), Rust's own tables.
 pub fn py_lower(s: &str) -> String {
     if s.is_ascii() {
         return s.to_ascii_lowercase();
     }
-    if !s.chars().any(unknown_to_python) {
-        return s.to_lowercase();
+    match PY_CASE.get() {
+        Some(table) => table.lower(s),
+        None => s.to_lowercase(),
     }
-    let mut out = String::with_capacity(s.len());
-    for piece in s.split_inclusive(unknown_to_python) {
-        match piece.char_indices().last() {
-            Some((i, c)) if unknown_to_python(c) => {
-                out.push_str(&piece[..i].to_lowercase());
-                out.push(c);
-            }
-            _ => out.push_str(&piece.to_lowercase()),
-        }
+}
+
+/// Checks [`is_py_space`] against Python's own `str.split()` of `all` (text holding
+/// every character): `python_pieces` is what Python returned.
+pub fn check_py_space(all: &str, python_pieces: &[String]) -> Result<()> {
+    let ours: Vec<&str> = py_split_whitespace(all).collect();
+    if ours.len() == python_pieces.len() && ours.iter().zip(python_pieces).all(|(a, b)| a == b) {
+        return Ok(());
     }
-    out
+    let kept = |pieces: &mut dyn Iterator<Item = &str>| -> HashSet<char> {
+        pieces.flat_map(str::chars).collect()
+    };
+    let python = kept(&mut python_pieces.iter().map(String::as_str));
+    let ours = kept(&mut ours.into_iter());
+    let odd = all
+        .chars()
+        .find(|c| python.contains(c) != ours.contains(c))
+        .map_or_else(|| "?".to_owned(), |c| format!("U+{:04X}", c as u32));
+    Err(Error::Invalid(format!(
+        "this Python's str.isspace() differs from the cleaner's table at {odd}"
+    )))
 }
 
 /// Characters the reference's regex class `[.,?;*!%^&_+():-\[\]{}]` deletes.
@@ -571,13 +737,73 @@ mod tests {
     }
 
     #[test]
-    fn lowercase_matches_python_on_special_cases() {
+    fn lowercase_follows_python_full_mapping_and_final_sigma() {
         assert_eq!(py_lower("İ"), "i\u{307}");
         assert_eq!(py_lower("ΑΣ"), "ας");
         assert_eq!(py_lower("ΑΣΑ"), "ασα");
-        // unknown to Python 3.11: kept, and acts like a word boundary for sigma.
-        assert_eq!(py_lower("ΑΣ\u{a7cb}"), "ας\u{a7cb}");
-        assert_eq!(py_lower("\u{10d50}"), "\u{10d50}");
+        assert_eq!(py_lower("Α'Σ'"), "α'ς'");
+    }
+
+    /// A "Python" with older tables than Rust's, told through its probe output: U+0295
+    /// `ʕ` was a lowercase letter (Unicode 14) and U+A7CB was unassigned.
+    fn older_python() -> PyCase {
+        let chars = ['a', 'A', 'Ο', 'ʕ', '\u{a7cb}', 'Σ', '\'', ' '];
+        let python = case_probe(&chars)
+            .to_lowercase()
+            .replace("ʕσ\n", "ʕς\n")
+            .replace("aʕσ\n", "aʕς\n")
+            // Rust lowers U+A7CB to U+0264, a cased letter; this Python keeps it.
+            .replace("\u{264}ς\n", "\u{a7cb}σ\n");
+        let mut table = PyCase::default();
+        table.add_probe(&chars, &python).unwrap();
+        table
+    }
+
+    #[test]
+    fn python_table_from_probe() {
+        let table = older_python();
+        assert_eq!(table.remapped().collect::<Vec<_>>(), ['\u{a7cb}']);
+        assert_eq!(&*table.mapping[&'\u{a7cb}'], "\u{a7cb}");
+        for (c, role) in [
+            ('A', SigmaRole::Cased),
+            ('Σ', SigmaRole::Cased),
+            ('ʕ', SigmaRole::Cased),
+            ('\'', SigmaRole::Ignorable),
+            ('\u{a7cb}', SigmaRole::Other),
+            (' ', SigmaRole::Other),
+        ] {
+            assert_eq!(table.role(c), role, "{c:?}");
+        }
+        let mut table = PyCase::default();
+        assert!(table.add_probe(&['a', 'b'], "aσ\naaσ\n").is_err());
+        assert!(table.add_probe(&['a'], "aσ\nabσ\n").is_err());
+    }
+
+    #[test]
+    fn final_sigma_uses_the_python_roles() {
+        let table = older_python();
+        // ʕ is cased to this Python: the sigma before it is not final.
+        assert_eq!(table.lower("ΟΣʕ"), "οσʕ");
+        assert_eq!(table.lower("ʕΣ"), "ʕς");
+        assert_eq!(table.lower("ʕ'Σ'"), "ʕ'ς'");
+        // U+A7CB is unknown to it: kept, and no letter for the sigma rule.
+        assert_eq!(table.lower("ΟΣ\u{a7cb}"), "ος\u{a7cb}");
+        assert_eq!(table.lower("\u{a7cb}Σ"), "\u{a7cb}σ");
+        assert_eq!(table.lower("ΟΣ ΣΣ"), "ος σς");
+    }
+
+    #[test]
+    fn whitespace_check_names_the_odd_character() {
+        let all: String = ('\0'..='\u{3000}').collect();
+        let pieces: Vec<String> = py_split_whitespace(&all).map(str::to_owned).collect();
+        assert!(check_py_space(&all, &pieces).is_ok());
+        let fewer: Vec<String> = all
+            .split(char::is_whitespace)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let err = check_py_space(&all, &fewer).unwrap_err();
+        assert!(err.to_string().contains("U+001C"), "{err}");
     }
 
     #[test]

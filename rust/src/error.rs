@@ -17,3 +17,15 @@ macro_rules! invalid {
         $crate::error::Error::Invalid(format!($($arg)*))
     };
 }
+
+/// The error for an argument outside its range, worded for Python users.
+pub fn out_of_range(
+    name: &str,
+    lo: impl std::fmt::Display,
+    hi: impl std::fmt::Display,
+    got: impl std::fmt::Display,
+) -> Error {
+    Error::Invalid(format!(
+        "{name} must be an integer from {lo} to {hi}, got {got}"
+    ))
+}

@@ -7,16 +7,20 @@ pub mod clean;
 pub mod error;
 pub mod vocab;
 
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2};
+use numpy::{
+    Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
 use pyo3::create_exception;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyString};
 use rayon::prelude::*;
 
-use crate::beam::{BeamConfig, BeamSearch as CoreBeamSearch};
+use crate::beam::{BeamConfig, BeamSearch as CoreBeamSearch, MAX_LEN, MAX_ROWS};
 use crate::clean::Dataset;
-use crate::vocab::Vocab;
+use crate::error::out_of_range;
+use crate::vocab::{Vocab, MAX_SEQ_LEN};
 
 create_exception!(
     _native,
@@ -31,6 +35,94 @@ fn to_py(err: error::Error) -> PyErr {
 
 fn dataset(name: &str) -> PyResult<Dataset> {
     Dataset::parse(name).map_err(to_py)
+}
+
+/// An int argument, kept whole: a value beyond int64 is an out-of-range error naming
+/// the argument, not pyo3's anonymous OverflowError. A non-int is pyo3's TypeError,
+/// which names the argument.
+struct Int(Result<i64, String>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Int {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<i64>() {
+            Ok(value) => Ok(Int(Ok(value))),
+            Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
+                Ok(Int(Err(obj.str()?.to_string())))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Int {
+    /// The value if it lies in `lo..=hi`, else a ValueError naming `name` and the range
+    /// (a bad argument, not bad data: `cmn.text` passes it on as it is).
+    fn within(self, name: &str, lo: i64, hi: i64) -> PyResult<i64> {
+        let error = match self.0 {
+            Ok(value) if (lo..=hi).contains(&value) => return Ok(value),
+            Ok(value) => out_of_range(name, lo, hi, value),
+            Err(text) => out_of_range(name, lo, hi, text),
+        };
+        Err(PyValueError::new_err(error.to_string()))
+    }
+
+    /// [`Int::within`] for counts.
+    fn count(self, name: &str, lo: usize, hi: usize) -> PyResult<usize> {
+        let value = self.within(name, lo as i64, hi.min(i64::MAX as usize) as i64)?;
+        Ok(value as usize)
+    }
+}
+
+/// A 2-D array of `T` (`what`: its dtype's name), or a TypeError saying what came instead.
+fn array2<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    what: &str,
+) -> PyResult<PyReadonlyArray2<'py, T>> {
+    if let Ok(array) = obj.cast::<PyArray2<T>>() {
+        return array
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")));
+    }
+    let got = match obj.cast::<PyUntypedArray>() {
+        Ok(array) => format!("a {}-D {} array", array.ndim(), array.dtype().str()?),
+        Err(_) => obj.get_type().name()?.to_string(),
+    };
+    Err(PyTypeError::new_err(format!(
+        "{name} must be a 2-D {what} array, got {got}"
+    )))
+}
+
+/// Installs the running Python's lowercasing table (see [`clean::PyCase`]) before the
+/// first cleaning of text that is not ASCII (ASCII never needs it; deriving it takes
+/// a fraction of a second, once per process); checks Python's whitespace against the
+/// cleaner's on the way.
+fn ensure_py_case(py: Python<'_>, texts: &[&str]) -> PyResult<()> {
+    if clean::py_case_installed() || texts.iter().all(|t| t.is_ascii()) {
+        return Ok(());
+    }
+    let unsupported = |e: PyErr| {
+        PyRuntimeError::new_err(format!(
+            "cmn's text core cannot follow this Python's Unicode tables: {e}"
+        ))
+    };
+    let chars: Vec<char> = clean::case_probe_chars().collect();
+    let mut table = clean::PyCase::default();
+    // A slice at a time: the whole probe would hold about 100 MB at once.
+    for slice in chars.chunks(1 << 15) {
+        let probe = clean::case_probe(slice);
+        let lowered: String = PyString::new(py, &probe).call_method0("lower")?.extract()?;
+        table
+            .add_probe(slice, &lowered)
+            .map_err(|e| unsupported(to_py(e)))?;
+    }
+    let all: String = chars.iter().collect();
+    let pieces: Vec<String> = PyString::new(py, &all).call_method0("split")?.extract()?;
+    clean::check_py_space(&all, &pieces).map_err(|e| unsupported(to_py(e)))?;
+    clean::install_py_case(table);
+    Ok(())
 }
 
 /// A report as Rust text: `str` (no lone surrogates) or UTF-8 `bytes`;
@@ -108,7 +200,17 @@ fn borrowed_text<'a>(obj: &'a Bound<'_, PyAny>) -> Option<&'a str> {
 }
 
 /// The reports of a batch call, kept alive so their text can be read without the GIL.
-fn report_items<'py>(objs: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+/// `name` is the argument, for the error when one report is passed instead of many.
+fn report_items<'py>(objs: &Bound<'py, PyAny>, name: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if objs.is_instance_of::<PyString>()
+        || objs.is_instance_of::<PyBytes>()
+        || objs.is_instance_of::<PyByteArray>()
+    {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be a list of reports, not a single {}: wrap it in a list",
+            objs.get_type().name()?
+        )));
+    }
     objs.try_iter()?.collect()
 }
 
@@ -127,17 +229,20 @@ fn report_texts<'a>(items: &'a [Bound<'_, PyAny>]) -> PyResult<Vec<&'a str>> {
 
 /// Cleans one report (`str`, or UTF-8 `bytes`) with the rules of `dataset`.
 #[pyfunction]
-fn clean_report(text: &Bound<'_, PyAny>, dataset: &str) -> PyResult<String> {
+fn clean_report(py: Python<'_>, text: &Bound<'_, PyAny>, dataset: &str) -> PyResult<String> {
     let ds = self::dataset(dataset)?;
-    Ok(clean::clean_report(&report_text(text, None)?, ds))
+    let text = report_text(text, None)?;
+    ensure_py_case(py, &[&text])?;
+    Ok(clean::clean_report(&text, ds))
 }
 
 /// Cleans many reports in parallel, without the GIL.
 #[pyfunction]
 fn clean_reports(py: Python<'_>, texts: &Bound<'_, PyAny>, dataset: &str) -> PyResult<Vec<String>> {
     let ds = self::dataset(dataset)?;
-    let items = report_items(texts)?;
+    let items = report_items(texts, "texts")?;
     let texts = report_texts(&items)?;
+    ensure_py_case(py, &texts)?;
     Ok(py.detach(|| {
         texts
             .par_iter()
@@ -151,8 +256,9 @@ fn clean_reports(py: Python<'_>, texts: &Bound<'_, PyAny>, dataset: &str) -> PyR
 
 /// Python's `str.lower()` as the cleaner applies it (exposed for tests).
 #[pyfunction]
-fn _py_lower(text: &str) -> String {
-    clean::py_lower(text)
+fn _py_lower(py: Python<'_>, text: &str) -> PyResult<String> {
+    ensure_py_case(py, &[text])?;
+    Ok(clean::py_lower(text))
 }
 
 /// Word-level tokenizer with the reference's ids; id 0 is BOS, EOS and padding.
@@ -164,16 +270,24 @@ struct Tokenizer {
 #[pymethods]
 impl Tokenizer {
     /// Builds the vocabulary from raw training reports (cleaned here).
+    /// A `threshold` beyond int64 means the same as the nearest int64: no count reaches
+    /// it, or every count does.
     #[staticmethod]
     fn build(
         py: Python<'_>,
         reports: &Bound<'_, PyAny>,
-        threshold: i64,
+        threshold: Int,
         dataset: &str,
     ) -> PyResult<Self> {
+        let threshold = match threshold.0 {
+            Ok(value) => value,
+            Err(text) if text.starts_with('-') => i64::MIN,
+            Err(_) => i64::MAX,
+        };
         let ds = self::dataset(dataset)?;
-        let items = report_items(reports)?;
+        let items = report_items(reports, "reports")?;
         let texts = report_texts(&items)?;
+        ensure_py_case(py, &texts)?;
         let vocab = py.detach(|| Vocab::build_raw(&texts, threshold, ds));
         Ok(Tokenizer { vocab })
     }
@@ -181,10 +295,13 @@ impl Tokenizer {
     /// Reads a `tokenizer.json` string; `dataset` supplies or overrides the cleaning rule.
     #[staticmethod]
     #[pyo3(signature = (text, dataset=None))]
-    fn from_str(text: &str, dataset: Option<&str>) -> PyResult<Self> {
+    fn from_str(text: &Bound<'_, PyString>, dataset: Option<&str>) -> PyResult<Self> {
         let ds = dataset.map(self::dataset).transpose()?;
+        let text = text.to_cow().map_err(|_| {
+            TextInputError::new_err("not valid Unicode: the text holds a lone surrogate")
+        })?;
         Ok(Tokenizer {
-            vocab: Vocab::from_json(text, ds).map_err(to_py)?,
+            vocab: Vocab::from_json(&text, ds).map_err(to_py)?,
         })
     }
 
@@ -207,36 +324,51 @@ impl Tokenizer {
         self.vocab.len()
     }
 
-    fn token_to_id(&self, token: &str) -> Option<i64> {
-        self.vocab.token_to_id(token)
+    /// `None` for a token not in the vocabulary, also one that is not valid Unicode.
+    fn token_to_id(&self, token: &Bound<'_, PyString>) -> Option<i64> {
+        self.vocab.token_to_id(&token.to_cow().ok()?)
     }
 
-    fn id_to_token(&self, id: i64) -> Option<&str> {
-        self.vocab.id_to_token(id)
+    /// `None` for any int that is not an id, however large.
+    fn id_to_token(&self, id: Int) -> Option<&str> {
+        self.vocab.id_to_token(id.0.ok()?)
     }
 
     /// Cleans and encodes one report: `[0] + ids + [0]`, not truncated.
     fn encode(&self, report: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
         let text = report_text(report, None)?;
+        ensure_py_case(report.py(), &[&text])?;
         Ok(self
             .vocab
             .encode_cleaned(&clean::clean_report(&text, self.vocab.dataset())))
     }
 
     /// Cleans and encodes reports into an int64 array `(n, max_len)`: each sequence
-    /// cut to `max_len`, then padded with 0.
+    /// cut to `max_len` (at most [`MAX_SEQ_LEN`]), then padded with 0.
     fn encode_batch<'py>(
         &self,
         py: Python<'py>,
         reports: &Bound<'py, PyAny>,
-        max_len: usize,
+        max_len: Int,
     ) -> PyResult<Bound<'py, PyArray2<i64>>> {
-        let items = report_items(reports)?;
+        let max_len = max_len.count("max_len", 0, MAX_SEQ_LEN)?;
+        let items = report_items(reports, "reports")?;
         let texts = report_texts(&items)?;
+        ensure_py_case(py, &texts)?;
         let vocab = &self.vocab;
         // numpy's allocator asks for huge pages, which makes the first touch of a
-        // large result much cheaper than a plain zeroed Vec.
-        let array = PyArray2::<i64>::zeros(py, [texts.len(), max_len], false);
+        // large result much cheaper than a plain zeroed Vec; numpy.zeros reports a
+        // failed allocation as an exception, where PyArray2::zeros would panic.
+        let array = py
+            .import("numpy")?
+            .call_method1("zeros", ((texts.len(), max_len), "int64"))
+            .map_err(|e| {
+                TextInputError::new_err(format!(
+                    "cannot allocate the ({}, max_len={max_len}) int64 result: {e}",
+                    texts.len()
+                ))
+            })?
+            .cast_into::<PyArray2<i64>>()?;
         {
             let mut view = array.readwrite();
             let flat = view.as_slice_mut().expect("a new array is contiguous");
@@ -255,12 +387,31 @@ impl Tokenizer {
     }
 
     /// Tokens joined by spaces; a leading 0 (BOS) is skipped and the next 0 ends the text.
-    fn decode(&self, ids: Vec<i64>) -> PyResult<String> {
-        self.vocab.decode(&ids).map_err(to_py)
+    /// Ids after that 0 are not looked at, also ones beyond int64.
+    fn decode(&self, ids: Vec<Int>) -> PyResult<String> {
+        let mut read = Vec::with_capacity(ids.len());
+        for (i, id) in ids.into_iter().enumerate() {
+            match id.0 {
+                Ok(id) => {
+                    read.push(id);
+                    if id == 0 && i > 0 {
+                        break;
+                    }
+                }
+                Err(text) => {
+                    return Err(TextInputError::new_err(format!(
+                        "token id {text} is outside the vocabulary (0..{})",
+                        self.vocab.len()
+                    )))
+                }
+            }
+        }
+        self.vocab.decode(&read).map_err(to_py)
     }
 
     /// [`Tokenizer::decode`] for each row of an int64 array `(n, L)`.
-    fn decode_batch(&self, ids: PyReadonlyArray2<'_, i64>) -> PyResult<Vec<String>> {
+    fn decode_batch(&self, ids: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+        let ids = array2::<i64>(ids, "ids", "int64")?;
         let ids = ids.as_array();
         ids.rows()
             .into_iter()
@@ -291,25 +442,27 @@ type StepArrays<'py> = (
 
 #[pymethods]
 impl BeamSearch {
+    /// Sizes are checked before anything is allocated: `batch_size * beam_size` at most
+    /// [`MAX_ROWS`], the rest within int64.
     #[new]
-    #[pyo3(signature = (batch_size, beam_size, max_len, *, eos_id=0, length_penalty=0.0, no_repeat_ngram_size=0, n_best=1))]
+    #[pyo3(signature = (batch_size, beam_size, max_len, *, eos_id=Int(Ok(0)), length_penalty=0.0, no_repeat_ngram_size=Int(Ok(0)), n_best=Int(Ok(1))))]
     fn new(
-        batch_size: usize,
-        beam_size: usize,
-        max_len: usize,
-        eos_id: i64,
+        batch_size: Int,
+        beam_size: Int,
+        max_len: Int,
+        eos_id: Int,
         length_penalty: f64,
-        no_repeat_ngram_size: usize,
-        n_best: usize,
+        no_repeat_ngram_size: Int,
+        n_best: Int,
     ) -> PyResult<Self> {
         let cfg = BeamConfig {
-            batch_size,
-            beam_size,
-            max_len,
-            eos_id,
+            batch_size: batch_size.count("batch_size", 1, MAX_ROWS)?,
+            beam_size: beam_size.count("beam_size", 1, MAX_ROWS)?,
+            max_len: max_len.count("max_len", 1, MAX_LEN)?,
+            eos_id: eos_id.within("eos_id", 0, i64::MAX)?,
             length_penalty,
-            no_repeat_ngram_size,
-            n_best,
+            no_repeat_ngram_size: no_repeat_ngram_size.count("no_repeat_ngram_size", 0, MAX_LEN)?,
+            n_best: n_best.count("n_best", 1, MAX_ROWS)?,
         };
         Ok(BeamSearch {
             core: CoreBeamSearch::new(cfg).map_err(to_py)?,
@@ -341,10 +494,13 @@ impl BeamSearch {
     fn step<'py>(
         &mut self,
         py: Python<'py>,
-        scores: PyReadonlyArray2<'py, f32>,
-        indices: PyReadonlyArray2<'py, i64>,
-        vocab_size: usize,
+        scores: &Bound<'py, PyAny>,
+        indices: &Bound<'py, PyAny>,
+        vocab_size: Int,
     ) -> PyResult<StepArrays<'py>> {
+        let vocab_size = vocab_size.count("vocab_size", 1, i64::MAX as usize)?;
+        let scores = array2::<f32>(scores, "scores", "float32")?;
+        let indices = array2::<i64>(indices, "indices", "int64")?;
         let (scores, indices) = (scores.as_array(), indices.as_array());
         if indices.dim() != scores.dim() {
             return Err(TextInputError::new_err(format!(

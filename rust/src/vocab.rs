@@ -8,7 +8,7 @@ use rustc_hash::FxHashMap as HashMap;
 use serde_json::{json, Value};
 
 use crate::clean::{
-    ascii_split_whitespace, clean_report_into, py_split_whitespace, Dataset, Scratch,
+    ascii_split_whitespace, clean_report_into, is_py_space, py_split_whitespace, Dataset, Scratch,
 };
 use crate::error::Result;
 use crate::invalid;
@@ -18,6 +18,10 @@ use crate::invalid;
 pub const RESERVED: &str = "<pad>";
 /// The unknown-token entry, a real id like in the reference.
 pub const UNK: &str = "<unk>";
+/// Longest row [`Vocab`]'s batch encoding writes (`max_len`): far beyond any report
+/// (the reference cuts at 60 or 100 tokens), small enough to refuse absurd requests
+/// before allocating.
+pub const MAX_SEQ_LEN: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct Vocab {
@@ -245,15 +249,39 @@ impl Vocab {
             .get("vocab")
             .and_then(Value::as_object)
             .ok_or_else(|| invalid!("model.vocab must be an object of token -> id"))?;
-        let mut tokens = vec![None; entries.len().saturating_sub(1)];
-        let mut saw_reserved = false;
+        // Id 0 must be `<pad>`: `to_json` writes it there, so any other file would not
+        // read back the same.
+        match entries.get(RESERVED).map(Value::as_i64) {
+            Some(Some(0)) => {}
+            Some(id) => {
+                let id = id.map_or_else(|| "not an integer".to_owned(), |id| format!("{id}"));
+                return Err(invalid!(
+                    "{RESERVED:?} (BOS/EOS/padding) must have id 0, found {id}"
+                ));
+            }
+            None => {
+                return Err(invalid!(
+                    "no {RESERVED:?} token with id 0 (BOS/EOS/padding)"
+                ))
+            }
+        }
+        let mut tokens = vec![None; entries.len() - 1];
         for (token, id) in entries {
+            if token == RESERVED {
+                continue;
+            }
             let id = id
                 .as_i64()
                 .ok_or_else(|| invalid!("id of {token:?} is not an integer"))?;
             if id == 0 {
-                saw_reserved = true;
-                continue;
+                return Err(invalid!(
+                    "id 0 is reserved for {RESERVED:?}, but {token:?} has it too"
+                ));
+            }
+            if token.is_empty() || token.chars().any(is_py_space) {
+                return Err(invalid!(
+                    "token {token:?} is empty or holds whitespace: no report can produce it"
+                ));
             }
             let slot = usize::try_from(id - 1)
                 .ok()
@@ -267,9 +295,6 @@ impl Vocab {
             if slot.replace(token.clone()).is_some() {
                 return Err(invalid!("id {id} is used twice"));
             }
-        }
-        if !saw_reserved {
-            return Err(invalid!("no token has id 0 (BOS/EOS/padding)"));
         }
         let tokens = tokens
             .into_iter()
@@ -360,5 +385,32 @@ mod tests {
         let gap = r#"{"model": {"type": "WordLevel", "unk_token": "<unk>", "cmn_dataset": "iu_xray",
                       "vocab": {"<pad>": 0, "<unk>": 2}}}"#;
         assert!(Vocab::from_json(gap, None).is_err());
+    }
+
+    fn with_vocab(vocab: &str) -> Result<Vocab> {
+        Vocab::from_json(
+            &format!(
+                r#"{{"model": {{"type": "WordLevel", "unk_token": "<unk>", "cmn_dataset": "iu_xray", "vocab": {vocab}}}}}"#
+            ),
+            None,
+        )
+    }
+
+    #[test]
+    fn pad_must_be_id_zero_and_tokens_must_be_producible() {
+        assert!(with_vocab(r#"{"<pad>": 0, "<unk>": 1, "a": 2}"#).is_ok());
+        let moved = with_vocab(r#"{"a": 0, "<unk>": 1, "<pad>": 2}"#).unwrap_err();
+        assert!(
+            moved.to_string().contains("must have id 0, found 2"),
+            "{moved}"
+        );
+        let twice = with_vocab(r#"{"<pad>": 0, "<unk>": 1, "a": 0}"#).unwrap_err();
+        assert!(twice.to_string().contains("\"a\" has it too"), "{twice}");
+        let missing = with_vocab(r#"{"<unk>": 1, "a": 0}"#).unwrap_err();
+        assert!(missing.to_string().contains("no \"<pad>\""), "{missing}");
+        let err = with_vocab(r#"{"<pad>": 0, "<unk>": 1, "a b": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("whitespace"), "{err}");
+        assert!(with_vocab(r#"{"<pad>": 0, "<unk>": 1, "": 2}"#).is_err());
+        assert!(with_vocab(r#"{"<pad>": 0, "<unk>": 1, "a\u001cb": 2}"#).is_err());
     }
 }
