@@ -51,9 +51,10 @@ def test_interrupted_save_keeps_previous_bundle(bundle, monkeypatch):
     calls = []
 
     def crash_on_second(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:  # old bundle moved aside, new one not yet in place
-            raise KeyboardInterrupt
+        if os.path.isdir(src):
+            calls.append((src, dst))
+            if len(calls) == 2:  # old bundle moved aside, new one not yet in place
+                raise KeyboardInterrupt
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crash_on_second)

@@ -11,10 +11,13 @@ A bundle is a folder:
   holds the structure and plain values, the tensors and arrays are safetensors entries, and
   only the types listed in :func:`encode_state` can be written or read back.
 
-Writes are atomic at the folder level: the new bundle is written to a temporary sibling
-folder, the old one is moved aside, the new one renamed into place, the old one deleted. A
-run killed at any moment leaves either the new or the previous bundle, and
-:func:`load_checkpoint` finds whichever exists.
+Writes are atomic at the folder level (:func:`cmn.fsutil.folder_writer`): the new bundle is
+written to a temporary sibling folder, the old one is moved aside to ``.<name>.previous``,
+the new one renamed into place, the old one deleted. Invariant: from the first complete save
+on, ``<name>`` or ``.<name>.previous`` always holds a complete bundle, whatever step a kill
+lands on and however many saves are killed in a row (the set-aside copy is deleted only while
+``<name>`` is complete), and :func:`resolve_bundle` finds it. Temporary folders left by kills
+are removed by :func:`cmn.fsutil.remove_stale_temps` (training does it at start).
 """
 from __future__ import annotations
 
@@ -23,16 +26,14 @@ import json
 import math
 import re
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-from cmn.config import ModelConfig
-from cmn.errors import CheckpointError, CMNError
-from cmn.fsutil import fsync_path
+from cmn.config import CLEAN_RULES, ModelConfig, describe_bounds, in_bounds
+from cmn.errors import CheckpointError, CMNError, ConfigError
+from cmn.fsutil import folder_writer
 
 FORMAT = "cmn-checkpoint"
 FORMAT_VERSION = 1
@@ -61,53 +62,34 @@ def save_checkpoint(
 
     ``extra_states`` maps a name to a state tree stored as ``<name>.json`` +
     ``<name>.safetensors`` (e.g. ``optimizer`` of a converted checkpoint)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
-    parent = path.parent
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    trees = dict(extra_states or {})
+    if trainer_state is not None:
+        trees[TRAINER_STATE] = trainer_state
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise CMNError(f"cannot write checkpoint to {parent}: {e.strerror or e}") from None
-    try:
-        model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        tokenizer.save(str(tmp / TOKENIZER))
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": model.cfg.to_dict(),
-            "data": dict(data_info),
-            "tokenizer_sha256": _sha256(tmp / TOKENIZER),
-            "meta": dict(meta or {}),
-        }
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        trees = dict(extra_states or {})
-        if trainer_state is not None:
-            trees[TRAINER_STATE] = trainer_state
-        for name, tree in trees.items():
-            encoded, tensors = encode_state(tree)
-            save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"format": f"{FORMAT}-{name}"})
-            (tmp / f"{name}.json").write_text(json.dumps(encoded, indent=1) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            fsync_path(f)
-        aside = _aside(path)
-        if aside.exists():
-            shutil.rmtree(aside)
-        if path.exists():
-            os.replace(path, aside)
-        os.replace(tmp, path)
-        fsync_path(parent)
-        if aside.exists():
-            shutil.rmtree(aside)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CMNError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with folder_writer(path, replace=True) as tmp:
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+            tokenizer.save(str(tmp / TOKENIZER))
+            config = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "model": model.cfg.to_dict(),
+                "data": dict(data_info),
+                "tokenizer_sha256": _sha256(tmp / TOKENIZER),
+                "meta": dict(meta or {}),
+            }
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            for name, tree in trees.items():
+                encoded, tensors = encode_state(tree)
+                save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"format": f"{FORMAT}-{name}"})
+                (tmp / f"{name}.json").write_text(json.dumps(encoded, indent=1) + "\n", encoding="utf-8")
+    except (OSError, SafetensorError) as e:  # disk full, no permission: the previous bundle stays
+        raise CMNError(f"cannot write checkpoint {path}: {getattr(e, 'strerror', None) or e}") from None
     return path
 
 
@@ -137,7 +119,10 @@ def read_config(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{bundle / CONFIG}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{bundle / CONFIG}: not a cmn checkpoint config (format field missing)")
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{bundle / CONFIG}: format_version must be a non-negative integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{bundle}: checkpoint format {config['format_version']} is newer than this cmn understands "
             f"({FORMAT_VERSION}); upgrade cmn"
@@ -176,6 +161,9 @@ def load_state_into(model: torch.nn.Module, path: PathLike) -> None:
         state = load_file(str(bundle / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{bundle / WEIGHTS}: cannot be read ({e})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{bundle / WEIGHTS}: {bad} holds NaN or infinite values")
     target = getattr(model, "module", model)
     own = target.state_dict()
     missing = sorted(set(own) - set(state))
@@ -198,6 +186,38 @@ def load_state_into(model: torch.nn.Module, path: PathLike) -> None:
     target.load_state_dict(state)
 
 
+def model_config_of(config: dict[str, Any], path: PathLike) -> ModelConfig:
+    """The validated model section of a bundle's config (bounds included: a tampered file is an
+    error before anything is allocated)."""
+    try:
+        section = config["model"]
+        if not isinstance(section, dict):
+            raise TypeError("not an object")
+        return ModelConfig.from_dict(section)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: config.json has no usable model section ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: config.json: {e}") from None
+
+
+def data_info_of(config: dict[str, Any], model_cfg: ModelConfig, path: PathLike) -> dict[str, Any]:
+    """The validated data section: what generation needs to turn images into model inputs."""
+    data = config.get("data")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: config.json has no data section")
+    for key in ("image_size", "num_views", "max_seq_length"):
+        value = data.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not in_bounds(key, value):
+            raise CheckpointError(f"{path}: config.json: data.{key} must be an integer {describe_bounds(key)}, "
+                                  f"got {value!r}")
+    if data["num_views"] != model_cfg.num_views:
+        raise CheckpointError(f"{path}: config.json: data.num_views {data['num_views']} differs from the model's "
+                              f"{model_cfg.num_views}")
+    if data.get("clean_rule", "iu_xray") not in CLEAN_RULES:
+        raise CheckpointError(f"{path}: config.json: data.clean_rule must be one of {', '.join(CLEAN_RULES)}")
+    return dict(data)
+
+
 def load_checkpoint(path: PathLike, device: Optional[Union[str, torch.device]] = None):
     """Load a bundle: returns the model in eval mode, ready for ``model.generate(images)``.
 
@@ -208,10 +228,8 @@ def load_checkpoint(path: PathLike, device: Optional[Union[str, torch.device]] =
     from cmn.model import build_model
 
     config = read_config(path)
-    try:
-        model_cfg = ModelConfig.from_dict(config["model"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: config.json has no usable model section ({e})") from None
+    model_cfg = model_config_of(config, path)
+    data_info = data_info_of(config, model_cfg, path)
     tokenizer = load_tokenizer(path)
     if len(tokenizer) != model_cfg.vocab_size:
         raise CheckpointError(
@@ -220,7 +238,7 @@ def load_checkpoint(path: PathLike, device: Optional[Union[str, torch.device]] =
     model = build_model(model_cfg)
     load_state_into(model, path)
     model.tokenizer = tokenizer
-    model.data_info = dict(config.get("data", {}))
+    model.data_info = data_info
     model.meta = dict(config.get("meta", {}))
     if device is not None:
         model.to(device)

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from cmn.config import (
-    ARCHITECTURE_FIELDS, DATASETS, DECODINGS, MAX_BEAM, MAX_TOKENS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
+    ARCHITECTURE_FIELDS, DATASETS, DECODINGS, MAX_TOKENS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
     DataConfig, ModelConfig, TrainConfig,
 )
-from cmn.cliutil import nonneg_int, positive_int, probability, user_errors
+from cmn.cliutil import bounded, positive_int, user_errors
 from cmn.errors import CMNError, ConfigError
 
 
@@ -27,7 +27,7 @@ _MODEL_FLAGS = ["variant", "visual_extractor", "d_model", "d_ff", "num_heads", "
 _DATA_FLAGS = ["ann_path", "image_dir", "image_size", "max_seq_length", "threshold", "batch_size",
                "num_workers", "image_cache", "demo_size"]
 _TRAIN_FLAGS = ["epochs", "lr_ve", "lr_ed", "weight_decay", "step_size", "gamma", "seed", "early_stop",
-                "beam_size", "block_ngram", "precision", "device", "output_dir", "resume", "trust_pickled_state",
+                "beam_size", "block_ngram", "precision", "device", "output_dir", "resume", "overwrite", "trust_pickled_state",
                 "init_from", "decode",
                 "visual_weights",
                 "eval_max_batches", "freeze_bn", "sync_bn", "checkpoint_visual"]
@@ -43,48 +43,50 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", choices=DATASETS, default="demo", help="preset of reference defaults (default: demo)")
     d.add_argument("--ann-path", help="R2Gen annotation.json")
     d.add_argument("--image-dir", help="folder the annotation's image paths are relative to")
-    d.add_argument("--image-size", type=int, help="CNN input size (preset: 224; demo 128)")
-    d.add_argument("--max-seq-length", type=int, help="tokens kept per report (IU 60, MIMIC 100)")
-    d.add_argument("--threshold", type=int, help="minimum token count for the vocabulary (IU 3, MIMIC 10)")
-    d.add_argument("--batch-size", type=int, help="global batch size (default 16)")
-    d.add_argument("--num-workers", type=int, help="data loader worker processes (default 2)")
+    d.add_argument("--image-size", type=bounded("image_size"), help="CNN input size (preset: 224; demo 128)")
+    d.add_argument("--max-seq-length", type=bounded("max_seq_length"), help="tokens kept per report (IU 60, MIMIC 100)")
+    d.add_argument("--threshold", type=bounded("threshold"), help="minimum token count for the vocabulary (IU 3, MIMIC 10)")
+    d.add_argument("--batch-size", type=bounded("batch_size"), help="global batch size (default 16)")
+    d.add_argument("--num-workers", type=bounded("num_workers"), help="data loader worker processes (default 2)")
     d.add_argument("--image-cache", metavar="DIR", help="cache decoded, resized images here (safe across ranks)")
-    d.add_argument("--demo-size", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+    d.add_argument("--demo-size", type=positive_int(1_000_000), nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    help="demo studies per split (default 700 100 100)")
     m = p.add_argument_group("model")
     m.add_argument("--model", dest="variant", choices=MODEL_VARIANTS, help="cmn (paper), mem (two memories), base")
     m.add_argument("--visual-extractor", choices=list(VISUAL_EXTRACTORS), help="CNN backbone (preset: resnet101)")
     m.add_argument("--visual-weights", help="'imagenet' (torchvision), a state-dict PATH, or 'none' (random init)")
-    m.add_argument("--d-model", type=int)
-    m.add_argument("--d-ff", type=int)
-    m.add_argument("--num-heads", type=int)
-    m.add_argument("--num-layers", type=int)
-    m.add_argument("--dropout", type=probability,
+    m.add_argument("--d-model", type=bounded("d_model"))
+    m.add_argument("--d-ff", type=bounded("d_ff"))
+    m.add_argument("--num-heads", type=bounded("num_heads"))
+    m.add_argument("--num-layers", type=bounded("num_layers"))
+    m.add_argument("--dropout", type=bounded("dropout"),
                    help="dropout on residual branches, in the feed-forward and after positional encodings (0.1)")
-    m.add_argument("--attention-dropout", type=probability,
+    m.add_argument("--attention-dropout", type=bounded("attention_dropout"),
                    help="dropout on attention and memory-selection probabilities (0.1: the reference fixes it)")
-    m.add_argument("--drop-prob-lm", type=probability, help="dropout after the visual projection (0.5)")
+    m.add_argument("--drop-prob-lm", type=bounded("drop_prob_lm"), help="dropout after the visual projection (0.5)")
     m.add_argument("--joint-view-bn", action="store_true", default=None,
                    help="CNN BatchNorm statistics over all views of a batch at once (default: per view, as the "
                         "reference's one CNN call per view)")
-    m.add_argument("--memory-size", type=int, help="memory slots N (paper 2048)")
-    m.add_argument("--topk", type=int, help="memory slots kept per query K (paper 32)")
+    m.add_argument("--memory-size", type=bounded("memory_size"), help="memory slots N (paper 2048)")
+    m.add_argument("--topk", type=bounded("topk"), help="memory slots kept per query K (paper 32)")
     m.add_argument("--memory-impl", choices=MEMORY_IMPLS, help="memory_query implementation (default auto)")
     t = p.add_argument_group("training")
     t.add_argument("--output-dir", help="run folder: metrics.json, log.jsonl, checkpoint/, last/")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--lr-ve", type=float, help="visual extractor learning rate")
-    t.add_argument("--lr-ed", type=float, help="learning rate of everything else")
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--step-size", type=int, help="StepLR period (epochs)")
-    t.add_argument("--gamma", type=float, help="StepLR decay")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--early-stop", type=int, help="patience in epochs on validation BLEU-4")
-    t.add_argument("--beam-size", type=int)
-    t.add_argument("--block-ngram", type=int, help="forbid repeating any n-gram in beam search (default 0 = off, what the reference effectively does)")
+    t.add_argument("--epochs", type=bounded("epochs"))
+    t.add_argument("--lr-ve", type=bounded("lr_ve"), help="visual extractor learning rate")
+    t.add_argument("--lr-ed", type=bounded("lr_ed"), help="learning rate of everything else")
+    t.add_argument("--weight-decay", type=bounded("weight_decay"))
+    t.add_argument("--step-size", type=bounded("step_size"), help="StepLR period (epochs)")
+    t.add_argument("--gamma", type=bounded("gamma"), help="StepLR decay")
+    t.add_argument("--seed", type=bounded("seed"))
+    t.add_argument("--early-stop", type=bounded("early_stop"), help="patience in epochs on validation BLEU-4")
+    t.add_argument("--beam-size", type=bounded("beam_size"))
+    t.add_argument("--block-ngram", type=bounded("block_ngram"), help="forbid repeating any n-gram in beam search (default 0 = off, what the reference effectively does)")
     t.add_argument("--precision", choices=PRECISIONS)
     t.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
     t.add_argument("--resume", action="store_true", default=None, help="continue from OUTPUT_DIR/last")
+    t.add_argument("--overwrite", action="store_true", default=None,
+                   help="delete the run already in OUTPUT_DIR and start a new one (default: refuse)")
     t.add_argument("--init-from", metavar="DIR",
                    help="start from a checkpoint bundle (e.g. one written by cmn-convert): its weights, vocabulary "
                         "and architecture, and its optimizer state if it carries one")
@@ -99,7 +101,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="keep the CNN's BatchNorm on running statistics (small per-GPU batches)")
     t.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
                    help="under torchrun on CUDA, keep per-GPU BatchNorm statistics")
-    t.add_argument("--eval-max-batches", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--eval-max-batches", type=bounded("eval_max_batches"), help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="only errors")
     return p
@@ -112,6 +114,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, dict[str, A
     if "visual_weights" in given and given["visual_weights"].lower() == "none":
         given["visual_weights"] = None
     if "demo_size" in given:
+        if not preset.data.get("demo_size"):
+            raise ConfigError(f"--demo-size: only for --dataset demo (this run reads {args.dataset} data)")
         given["demo_size"] = tuple(given["demo_size"])
 
     data_kw = {**preset.data, **{k: given[k] for k in _DATA_FLAGS if k in given}}
@@ -191,8 +195,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", type=Path, help="with --annotation: folder its image paths are relative to")
     p.add_argument("--split", default="test", help="with --annotation: which split (default test)")
     p.add_argument("--format", choices=("text", "jsonl"), default="text")
-    p.add_argument("--beam-size", type=positive_int(MAX_BEAM), default=3)
-    p.add_argument("--block-ngram", type=nonneg_int(1000), default=0, help="forbid repeating any n-gram (0 = off)")
+    p.add_argument("--beam-size", type=bounded("beam_size"), default=3)
+    p.add_argument("--block-ngram", type=bounded("block_ngram"), default=0, help="forbid repeating any n-gram (0 = off)")
     p.add_argument("--decode", choices=DECODINGS, default="cmn",
                    help="beam search: cmn (default: refills beams, stops when no beam can win) or reference (the "
                         "reference code's, step for step; for identical outputs from converted checkpoints)")

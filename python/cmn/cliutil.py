@@ -135,5 +135,14 @@ def unit_interval_open(text: str) -> float:
     return _number(float, 0.0, 1.0, lo_open=True, what="in (0, 1]")(text)
 
 
-__all__ = ["int_range", "nonneg_float", "nonneg_int", "positive_float", "positive_int", "probability",
+def bounded(name: str) -> Callable[[str], float]:
+    """The argparse type of a setting bounded in :data:`cmn.config.BOUNDS`."""
+    from cmn.config import BOUNDS, describe_bounds
+
+    lo, hi, lo_open, hi_open = BOUNDS[name]
+    kind = int if isinstance(lo, int) else float
+    return _number(kind, lo, hi, lo_open, hi_open, what=describe_bounds(name))
+
+
+__all__ = ["bounded", "int_range", "nonneg_float", "nonneg_int", "positive_float", "positive_int", "probability",
            "unit_interval_open", "user_errors"]

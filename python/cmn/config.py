@@ -18,6 +18,8 @@ VISUAL_EXTRACTORS = {"resnet101": 2048, "resnet50": 2048, "resnet18": 512, "resn
 DATASETS = ("demo", "iu_xray", "mimic_cxr")
 MEMORY_IMPLS = ("auto", "naive", "torch", "triton")
 PRECISIONS = ("fp32", "bf16")
+CLEAN_RULES = ("iu_xray", "mimic_cxr")
+DEMO_SIZE = (700, 100, 100)  # built-in demo data: train/val/test studies
 # Upper bounds on numbers a flag or a checkpoint's config.json can set: far above any real use,
 # low enough that a typo is an error instead of an out-of-memory crash or hours of work.
 MAX_TOKENS = 4096  # max_seq_length / --max-len (the positional encoding covers 5000 positions)
@@ -25,6 +27,66 @@ MAX_BEAM = 100
 DECODINGS = ("cmn", "reference")  # beam search: cmn's (refills beams, stops when done) or the reference's exact one
 # Model fields that fix the weights' shapes or meaning; --init-from keeps the bundle's.
 ARCHITECTURE_FIELDS = ("variant", "visual_extractor", "d_model", "d_ff", "num_heads", "num_layers", "memory_size")
+
+# Allowed range of every numeric setting, wherever it comes from (a flag, a preset, a checkpoint's
+# config.json): (low, high, low_open, high_open). The flags use the same table (cmn.cli).
+_INF = float("inf")
+BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
+    "vocab_size": (2, 50_000_000, False, False),
+    "num_views": (1, 16, False, False),
+    "d_model": (1, 16_384, False, False),
+    "d_ff": (1, 65_536, False, False),
+    "num_heads": (1, 1024, False, False),
+    "num_layers": (1, 128, False, False),
+    "memory_size": (1, 1 << 20, False, False),
+    "topk": (1, 1 << 20, False, False),
+    "max_seq_length": (2, MAX_TOKENS, False, False),
+    "dropout": (0.0, 1.0, False, True),
+    "attention_dropout": (0.0, 1.0, False, True),
+    "drop_prob_lm": (0.0, 1.0, False, True),
+    "image_size": (32, 4096, False, False),  # the ResNets need 32 px for one patch
+    "threshold": (1, 1 << 40, False, False),
+    "batch_size": (1, 1 << 20, False, False),
+    "num_workers": (0, 512, False, False),
+    "epochs": (1, 1_000_000, False, False),
+    "lr_ve": (0.0, 10.0, False, False),
+    "lr_ed": (0.0, 10.0, False, False),
+    "weight_decay": (0.0, 10.0, False, False),
+    "adam_eps": (0.0, 1.0, True, False),
+    "step_size": (1, 1_000_000, False, False),
+    "gamma": (0.0, 1.0, True, False),
+    "seed": (0, (1 << 63) - 1, False, False),
+    "early_stop": (1, 1_000_000, False, False),
+    "beam_size": (1, MAX_BEAM, False, False),
+    "block_ngram": (0, 1000, False, False),
+    "eval_max_batches": (1, 1 << 40, False, False),
+}
+
+
+def describe_bounds(name: str) -> str:
+    lo, hi, lo_open, hi_open = BOUNDS[name]
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def in_bounds(name: str, value: Any) -> bool:
+    lo, hi, lo_open, hi_open = BOUNDS[name]
+    return (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+
+
+def _check_numbers(obj: Any) -> None:
+    """Every bounded field of a config: the right type and in range (ConfigError otherwise)."""
+    for f in dataclasses.fields(obj):
+        if f.name not in BOUNDS:
+            continue
+        value = getattr(obj, f.name)
+        if value is None and f.default is None:
+            continue
+        integral = isinstance(BOUNDS[f.name][0], int)
+        ok_type = isinstance(value, int) if integral else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or (not integral and value != value):
+            raise ConfigError(f"{f.name} must be {'an integer' if integral else 'a number'}, got {value!r}")
+        if not in_bounds(f.name, value):
+            raise ConfigError(f"{f.name} must be {describe_bounds(f.name)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +116,7 @@ class ModelConfig:
         return VISUAL_EXTRACTORS[self.visual_extractor]
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         if self.variant not in MODEL_VARIANTS:
             raise ConfigError(f"--model must be one of {', '.join(MODEL_VARIANTS)}, got {self.variant!r}")
         if self.visual_extractor not in VISUAL_EXTRACTORS:
@@ -87,7 +150,7 @@ class ModelConfig:
 class DataConfig:
     """Where the studies come from and how they become tensors."""
 
-    dataset: str = "demo"  # preset name; also selects the report cleaning rule
+    dataset: str = "demo"  # preset name, recorded in checkpoints and metrics
     ann_path: Optional[str] = None  # R2Gen annotation.json (demo: generated)
     image_dir: Optional[str] = None  # root the annotation's image paths are relative to
     image_size: int = 224  # crop size fed to the CNN
@@ -97,12 +160,19 @@ class DataConfig:
     batch_size: int = 16  # global batch (split across ranks under torchrun)
     num_workers: int = 2
     image_cache: Optional[str] = None  # folder for decoded, resized images
-    demo_size: tuple[int, int, int] = (700, 100, 100)  # demo train/val/test studies
+    clean_rule: str = "iu_xray"  # report cleaning: the reference's iu_xray or mimic_cxr rules
+    clinical: bool = False  # also score clinical efficacy (CheXpert labels) in validation and test
+    hflip: bool = True  # random horizontal flip in training, as the reference
+    demo_size: Optional[tuple[int, int, int]] = None  # generate the demo data: train/val/test studies
 
-    @property
-    def clean_rule(self) -> str:
-        """Report cleaning rule: MIMIC-CXR's for MIMIC, IU X-Ray's otherwise (demo included)."""
-        return "mimic_cxr" if self.dataset == "mimic_cxr" else "iu_xray"
+    def __post_init__(self) -> None:
+        _check_numbers(self)
+        if self.clean_rule not in CLEAN_RULES:
+            raise ConfigError(f"clean_rule must be one of {', '.join(CLEAN_RULES)}, got {self.clean_rule!r}")
+        if self.demo_size is not None:
+            if len(self.demo_size) != 3 or not all(isinstance(n, int) and 1 <= n <= 1_000_000
+                                                   for n in self.demo_size):
+                raise ConfigError(f"--demo-size needs three study counts from 1 to 1000000, got {self.demo_size}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +199,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs/cmn"
     resume: bool = False
+    overwrite: bool = False  # replace a run already in output_dir (otherwise an error)
     init_from: Optional[str] = None  # start from a bundle's weights (and its optimizer state, if it has one)
     decode: str = "cmn"  # beam search of validation/test: cmn | reference
     trust_pickled_state: bool = False  # --resume may read a cmn 0.1 trainer_state.pt (weights_only, no code runs)
@@ -140,6 +211,7 @@ class TrainConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1:
@@ -167,20 +239,23 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # train_iu_xray.sh of the reference code
     "iu_xray": Preset(
-        data=dict(num_views=2, max_seq_length=60, threshold=3, batch_size=16, image_size=224),
+        data=dict(num_views=2, max_seq_length=60, threshold=3, batch_size=16, image_size=224, clean_rule="iu_xray"),
         model=dict(visual_extractor="resnet101", num_views=2, max_seq_length=60),
         train=dict(epochs=100, lr_ve=1e-4, lr_ed=5e-4, step_size=10, gamma=0.8, seed=7580, early_stop=50),
     ),
     # train_mimic_cxr.sh of the reference code
     "mimic_cxr": Preset(
-        data=dict(num_views=1, max_seq_length=100, threshold=10, batch_size=16, image_size=224),
+        data=dict(num_views=1, max_seq_length=100, threshold=10, batch_size=16, image_size=224,
+                  clean_rule="mimic_cxr", clinical=True),
         model=dict(visual_extractor="resnet101", num_views=1, max_seq_length=100),
         train=dict(epochs=30, lr_ve=1e-4, lr_ed=5e-4, step_size=3, gamma=0.8, seed=9153, early_stop=50),
     ),
     # Built-in synthetic data sized for ~10 minutes on 2 CPU cores: a small backbone,
     # small images and a smaller memory; the model code is the paper configuration's.
     "demo": Preset(
-        data=dict(num_views=2, max_seq_length=60, threshold=3, batch_size=16, image_size=96),
+        # hflip off: demo reports name the side of a finding, so a mirrored image contradicts them
+        data=dict(num_views=2, max_seq_length=60, threshold=3, batch_size=16, image_size=96, clean_rule="iu_xray",
+                  clinical=True, hflip=False, demo_size=DEMO_SIZE),
         model=dict(
             visual_extractor="resnet18", num_views=2, max_seq_length=60, d_model=256, d_ff=256,
             num_heads=8, num_layers=3, memory_size=512, topk=32,

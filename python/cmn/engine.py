@@ -9,6 +9,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from cmn.data.dataset import check_batch
 from cmn.errors import CMNError
 
 
@@ -68,7 +69,7 @@ def train_one_epoch(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, S, S)
+        images = check_batch(batch)["images"].to(device, non_blocking=True)  # (B, V, 3, S, S)
         targets = batch["targets"].to(device, non_blocking=True)  # (B, T)
         masks = batch["masks"].to(device, non_blocking=True)  # (B, T)
         tokens = masks[:, 1:].sum()
@@ -132,7 +133,7 @@ def generate_split(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        images = batch["images"].to(device)
+        images = check_batch(batch)["images"].to(device)
         with autocast(device, precision):
             seqs = model.generate(images, beam_size=beam_size, block_ngram=block_ngram, decode=decode)
         for sid, seq, tgt in zip(batch["ids"], seqs, batch["targets"]):

@@ -45,6 +45,12 @@ def fsync_path(p: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _io_error(target: Path, e: OSError) -> CMNError:
     return CMNError(f"{target}: cannot write ({e.strerror or e})")
 
@@ -57,6 +63,7 @@ def write_atomic(path: PathLike, data: Union[str, bytes], *, encoding: str = "ut
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), dir=target.parent)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -90,6 +97,7 @@ def folder_writer(path: PathLike, *, replace: bool = False) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     except OSError as e:
         raise _io_error(target, e) from None
     try:

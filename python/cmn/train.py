@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -21,10 +22,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cmn.config import DataConfig, ModelConfig, TrainConfig
 from cmn.errors import CheckpointError, CMNError, ConfigError
-from cmn.fsutil import write_json
+from cmn.fsutil import remove_stale_temps, write_atomic, write_json
 from cmn.runtime import DistInfo, init_distributed, rng_state, seed_everything, select_device, set_rng_state
 
 DEMO_CACHE_ENV = "CMN_DEMO_DIR"
+LOG = "log.jsonl"
+# What a run leaves in its folder; a new run refuses to mix with these unless --resume/--overwrite.
+RUN_FILES = ("checkpoint", "last", ".checkpoint.previous", ".last.previous", LOG, "metrics.json",
+             "test_predictions.jsonl")
 
 
 def default_demo_dir() -> Path:
@@ -36,7 +41,7 @@ def default_demo_dir() -> Path:
 
 def resolve_data_paths(data: DataConfig) -> tuple[Path, Path]:
     """(annotation file, image folder), generating the demo data when needed."""
-    if data.dataset == "demo" and data.ann_path is None:
+    if data.demo_size is not None and data.ann_path is None:
         from cmn.data.demo import ensure_demo_data
 
         n_train, n_val, n_test = data.demo_size
@@ -49,6 +54,24 @@ def resolve_data_paths(data: DataConfig) -> tuple[Path, Path]:
     if not img.is_dir():
         raise ConfigError(f"--image-dir {img}: no such folder")
     return ann, img
+
+
+def _claim_run_folder(out_dir: Path, train: TrainConfig, dist_info: DistInfo) -> None:
+    """A run folder holds one run: refuse another unless --resume or --overwrite; remove the
+    temporary folders killed saves left behind."""
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not (train.resume or train.overwrite):
+        raise ConfigError(f"--output-dir {out_dir}: already holds a run ({', '.join(existing)}); pass --resume to "
+                          "continue it, --overwrite to replace it, or choose another folder")
+    if dist_info.is_main:
+        if train.overwrite and not train.resume:
+            for name in existing:
+                p = out_dir / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for name in ("checkpoint", "last"):
+            remove_stale_temps(out_dir / name)
+    if dist_info.world_size > 1:
+        dist.barrier()
 
 
 def check_writable(folder: Path) -> None:
@@ -93,7 +116,7 @@ class _Run:
     net: torch.nn.Module  # the model, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    sampler: DistributedSampler
+    sampler: Any  # EpochSampler over a DistributedSampler
     train_loader: DataLoader
     eval_loaders: dict
     log: _Log
@@ -120,8 +143,7 @@ class _Run:
 
     @property
     def clinical(self) -> bool:
-        # CE as the paper reports it (MIMIC-CXR), and on the demo data, whose findings the labeler reads
-        return self.data.dataset in ("mimic_cxr", "demo")
+        return self.data.clinical
 
     @property
     def eval_kw(self) -> dict[str, Any]:
@@ -161,7 +183,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     from cmn import checkpoint as ckpt
     from cmn.data.annotation import drop_empty_reports, load_annotation
     from cmn.data.cache import ImageCache
-    from cmn.data.dataset import ReportDataset, collate
+    from cmn.data.dataset import EpochSampler, ReportDataset, collate
     from cmn.data.images import build_transform
     from cmn.model import build_model
     from cmn.text import Tokenizer, clean_report
@@ -173,6 +195,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     if dist_info.is_main:
         check_writable(out_dir)
     last_dir = out_dir / "last"
+    _claim_run_folder(out_dir, train, dist_info)
 
     # ---- data and vocabulary -------------------------------------------------------------
     ann_path, image_dir = resolve_data_paths(data)
@@ -213,8 +236,9 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
 
     def dataset(split: str, is_train: bool) -> ReportDataset:
         return ReportDataset(
-            splits[split], image_dir, data.num_views, build_transform(data.image_size, train=is_train),
+            splits[split], image_dir, data.num_views, build_transform(data.image_size, train=is_train, hflip=data.hflip),
             encode=tokenizer.encode_batch, max_seq_length=data.max_seq_length, image_cache=cache, ann_path=ann_path,
+            augment_seed=train.seed if is_train else None,
         )
 
     if data.batch_size % dist_info.world_size:
@@ -222,10 +246,12 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     train_set = dataset("train", True)
     # The same sampler single-process (one replica) and distributed, so a run's data order
     # depends on the seed and the global batch only.
-    sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                 shuffle=True, seed=train.seed, drop_last=False)
+    # Augmentations are seeded per (epoch, item) and the loader draws its worker seeds from its own
+    # generator, not the global RNG: the number of workers and a restart change nothing.
+    sampler = EpochSampler(DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                              shuffle=True, seed=train.seed, drop_last=False))
     loader_kw = dict(num_workers=data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                     persistent_workers=data.num_workers > 0)
+                     persistent_workers=data.num_workers > 0, generator=torch.Generator().manual_seed(train.seed))
     train_loader = DataLoader(train_set, batch_size=data.batch_size // dist_info.world_size, sampler=sampler,
                               **loader_kw)
     eval_loaders = {}
@@ -273,6 +299,8 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
             set_rng_state(trainer_state["rng"])
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
             raise CheckpointError(f"{last_dir}: trainer_state does not fit this run ({type(e).__name__}: {e})") from None
+        if dist_info.is_main:
+            _keep_log_until(out_dir / LOG, run.start_epoch - 1)
         log(f"resuming from {last_dir} at epoch {run.start_epoch}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {model_cfg.variant} ({n_params / 1e6:.1f}M parameters, {model_cfg.visual_extractor}, "
@@ -328,13 +356,14 @@ def _fit(run: _Run, scorer) -> tuple[int, float]:
             state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                      "epoch": epoch, "best_score": run.best_score, "best_epoch": run.best_epoch,
                      "bad_epochs": run.bad_epochs, "best_val": run.best_val, "rng": rng_state()}
-            ckpt.save_checkpoint(run.last_dir, run.model, run.tokenizer, run.data_info,
-                                 meta={"epoch": epoch, "val": val}, trainer_state=state)
             groups = run.optimizer.param_groups
             record = {"epoch": epoch, **stats, "lr_ve": groups[0]["lr"], "lr_ed": groups[1]["lr"],
                       **{f"val_{k}": v for k, v in val.items()}, "best_epoch": run.best_epoch}
-            with open(run.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            # The log line goes first: an epoch is done once it is logged. A kill before the save
+            # below resumes from the previous epoch, and the resumed run drops the later lines.
+            _append_line(run.out_dir / LOG, json.dumps(record))
+            ckpt.save_checkpoint(run.last_dir, run.model, run.tokenizer, run.data_info,
+                                 meta={"epoch": epoch, "val": val}, trainer_state=state)
             log(f"epoch {epoch}: loss {stats['train_loss']:.3f}, {stats['train_tokens_per_s']:.0f} tokens/s, "
                 f"val BLEU-4 {val.get('BLEU_4', 0):.4f} (best {run.best_score:.4f} at epoch {run.best_epoch})")
         if run.dist.world_size > 1:
@@ -345,6 +374,32 @@ def _fit(run: _Run, scorer) -> tuple[int, float]:
             log(f"early stop: no validation BLEU-4 improvement for {train.early_stop} epochs")
             break
     return epoch, time.perf_counter() - t_start
+
+
+def _append_line(path: Path, line: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CMNError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _keep_log_until(path: Path, last_epoch: int) -> None:
+    """Drop log lines of epochs after ``last_epoch`` (logged, then killed before the save)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if int(json.loads(ln)["epoch"]) <= last_epoch:
+                kept.append(ln)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from cmn.data.annotation import Study
 from cmn.data.cache import ImageCache
@@ -44,6 +44,11 @@ class ReportDataset(Dataset):
 
     ``ann_path`` only names the annotation file in error messages. ``image_cache``, when
     given, needs an :class:`ImageTransform` (from ``build_transform``), whose resize it caches.
+
+    ``augment_seed``: random augmentation draws from a generator seeded by
+    (augment_seed, epoch, index) when items are requested as ``(epoch, index)`` (see
+    :class:`EpochSampler`), so an epoch's augmentations do not depend on the number of loader
+    workers or on the process having been restarted: resuming is exact.
     """
 
     def __init__(
@@ -57,12 +62,14 @@ class ReportDataset(Dataset):
         image_cache: ImageCache | None = None,
         *,
         ann_path: str | Path | None = None,
+        augment_seed: int | None = None,
     ):
         self.studies = list(studies)
         self.image_dir = Path(image_dir)
         self.num_views = num_views
         self.transform = transform
         self.image_cache = image_cache
+        self.augment_seed = augment_seed
         source = f"{ann_path}: " if ann_path is not None else ""
         if image_cache is not None and not isinstance(transform, ImageTransform):
             raise TypeError("image_cache needs an ImageTransform from build_transform (it caches the resize step)")
@@ -78,8 +85,25 @@ class ReportDataset(Dataset):
     def __len__(self) -> int:
         return len(self.studies)
 
-    def __getitem__(self, index: int) -> dict:
-        views = [self._view(p) for p in self.paths[index]]  # V x (3, S, S)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        try:
+            return self._item(key)
+        except DataError as e:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            # In a loader worker an exception comes back wrapped in a worker traceback; the item
+            # carries the message instead and the main process raises it (see check_batch).
+            return {"error": str(e)}
+
+    def _item(self, key: int | tuple[int, int]) -> dict:
+        if isinstance(key, tuple):
+            epoch, index = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_item_seed(self.augment_seed or 0, epoch, index))
+                views = [self._view(p) for p in self.paths[index]]  # V x (3, S, S)
+        else:
+            index = key
+            views = [self._view(p) for p in self.paths[index]]  # V x (3, S, S)
         item = {"id": self.studies[index].id, "images": torch.stack(views, 0)}  # (V, 3, S, S)
         if self.targets is not None:
             targets = torch.from_numpy(self.targets[index])  # (L,) int64
@@ -95,6 +119,29 @@ class ReportDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ReportDataset({len(self)} studies, {self.num_views} views, image_dir={str(self.image_dir)!r})"
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler with ``set_epoch`` (e.g. DistributedSampler) to yield ``(epoch, index)``
+    keys, so :class:`ReportDataset` seeds each item's augmentation by epoch and index."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __iter__(self):
+        return ((self.epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
 
 
 def _check_views(studies: Sequence[Study], num_views: int, source: str) -> None:
@@ -125,6 +172,13 @@ def _encode_reports(encode: BatchEncoder, reports: list[str], max_len: int) -> l
     return [row[:n].copy() for row, n in zip(padded, lengths)]
 
 
+def check_batch(batch: dict) -> dict:
+    """Raise the DataError an item of ``batch`` met while loading (one line, no worker traceback)."""
+    if "error" in batch:
+        raise DataError(batch["error"])
+    return batch
+
+
 def collate(batch: Sequence[dict]) -> dict:
     """Stack items of :class:`ReportDataset` into a batch.
 
@@ -132,6 +186,9 @@ def collate(batch: Sequence[dict]) -> dict:
     reports, ``targets`` int64 (B, T) zero-padded to the longest item and ``masks``
     float32 (B, T) with 1 on real tokens.
     """
+    failed = next((item for item in batch if "error" in item), None)
+    if failed is not None:
+        return {"error": failed["error"]}
     out = {"ids": [item["id"] for item in batch], "images": torch.stack([item["images"] for item in batch], 0)}
     if "targets" in batch[0]:
         t_max = max(item["targets"].shape[0] for item in batch)

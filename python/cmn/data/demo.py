@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cmn.config import DEMO_SIZE
 from cmn.errors import DataError
 
 DEMO_VERSION = 1
@@ -490,9 +491,9 @@ def render_study(f: Findings, size: int, rng: np.random.Generator) -> tuple[np.n
 
 @dataclass(frozen=True)
 class DemoParams:
-    n_train: int = 800
-    n_val: int = 100
-    n_test: int = 100
+    n_train: int = DEMO_SIZE[0]
+    n_val: int = DEMO_SIZE[1]
+    n_test: int = DEMO_SIZE[2]
     image_size: int = 128
     seed: int = 0
     version: int = DEMO_VERSION
@@ -547,9 +548,9 @@ def _remove_stale_temps(parent: Path, prefix: str) -> None:
 def ensure_demo_data(
     root: str | Path,
     *,
-    n_train: int = 800,
-    n_val: int = 100,
-    n_test: int = 100,
+    n_train: int = DEMO_SIZE[0],
+    n_val: int = DEMO_SIZE[1],
+    n_test: int = DEMO_SIZE[2],
     image_size: int = 128,
     seed: int = 0,
 ) -> tuple[Path, Path]:

@@ -9,9 +9,11 @@ store its deterministic output and skip decoding large files every epoch.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
@@ -31,9 +33,13 @@ def load_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: image too large to decode safely ({e})") from None
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:
@@ -43,6 +49,23 @@ def load_image(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncated and corrupt data as OSError/SyntaxError with a short reason.
         raise DataError(f"{path}: corrupt or truncated image ({e})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB 8-bit. Integer images deeper than 8 bits (16-bit PNGs of radiographs, often holding
+    12 bits) are scaled by the bit depth their values use, not clipped at 255 (which is what
+    ``convert("RGB")`` does to them)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if img.mode == "F":
+            lo = float(arr.min()) if arr.size else 0.0
+            arr = (arr - lo) / (top - lo) * 255.0 if top > lo else np.zeros_like(arr)
+        else:
+            bits = max(8, int(np.ceil(np.log2(top + 1.0)))) if top > 0 else 8
+            arr = np.clip(arr, 0, None) * (255.0 / (2.0 ** bits - 1.0))
+        img = Image.fromarray(np.rint(arr).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def resize_size(image_size: int) -> int:
@@ -65,8 +88,10 @@ class ImageTransform:
         return self.rest(self.resize(img))  # (3, S, S) float32
 
 
-def build_transform(image_size: int, train: bool) -> ImageTransform:
-    """The reference's train (random crop + flip) or eval (square resize) transform."""
+def build_transform(image_size: int, train: bool, hflip: bool = True) -> ImageTransform:
+    """The reference's train (random crop + flip) or eval (square resize) transform.
+
+    ``hflip=False`` leaves out the training flip (for data whose reports name sides)."""
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -74,7 +99,7 @@ def build_transform(image_size: int, train: bool) -> ImageTransform:
         short = resize_size(image_size)
         resize = transforms.Resize(short)
         rest = transforms.Compose(
-            [transforms.RandomCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]
+            [transforms.RandomCrop(image_size), *([transforms.RandomHorizontalFlip()] if hflip else []), *normalize]
         )
         return ImageTransform(resize, rest, f"short{short}-bilinear")
     resize = transforms.Resize((image_size, image_size))

@@ -38,13 +38,29 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
+_CSV_FIELD_LIMIT = 1 << 28  # a report is text, not a table: allow long fields (csv's default is 131,072)
+
+
 def _csv_rows(path: Path, required: Sequence[str]) -> list[dict]:
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
     reader = csv.DictReader(_read_text(path).splitlines(keepends=True))
-    columns = reader.fieldnames or []
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'})")
-    return list(reader)
+    try:
+        columns = reader.fieldnames or []
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'})")
+        return list(reader)
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV file (line {reader.line_num}: {exc})") from None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _jsonl_rows(path: Path) -> list[dict]:
@@ -88,6 +104,9 @@ def read_predictions(path: Path, reference_fields: Sequence[str] = ("reference",
         for field in required[1:]:
             if not isinstance(row[field], str):
                 raise DataError(f"{path}: record {n} ({key!r}): {field} must be text")
+            if not _is_unicode(row[field]):
+                raise DataError(f"{path}: record {n} ({key!r}): {field} holds an unpaired surrogate (not Unicode "
+                                "text; was it written from broken bytes?)")
         preds[key] = row["prediction"]
         for f in reference_fields:
             refs[f][key] = row[f]
