@@ -155,10 +155,8 @@ def generate_parser() -> argparse.ArgumentParser:
 
 @user_errors
 def generate_main(argv: Optional[Sequence[str]] = None) -> int:
-    from pathlib import Path
-
     from cmn.checkpoint import load_checkpoint
-    from cmn.inference import generate_reports, group_studies
+    from cmn.inference import collect_studies, generate_reports
     from cmn.runtime import select_device
 
     args = generate_parser().parse_args(argv)
@@ -166,26 +164,7 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         raise CMNError(f"--beam-size must be >= 1, got {args.beam_size}")
     device = select_device(args.device)
     model = load_checkpoint(args.checkpoint, device=device)
-    num_views = int(model.data_info["num_views"])
-    studies = group_studies(args.images, num_views)
-    if args.list_file:
-        try:
-            lines = Path(args.list_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CMNError(f"--list {args.list_file}: cannot be read ({e})") from None
-        for n, line in enumerate(lines, 1):
-            paths = line.split()
-            if not paths:
-                continue
-            if len(paths) != num_views:
-                raise CMNError(f"--list {args.list_file}, line {n}: {len(paths)} image(s), but this model reads "
-                               f"{num_views} per study")
-            try:
-                studies.extend(group_studies(paths, num_views))
-            except CMNError as e:
-                raise CMNError(f"--list {args.list_file}, line {n}: {e}") from None
-    if not studies:
-        raise CMNError("no studies given: pass IMAGE paths or folders, or --list FILE")
+    studies = collect_studies(args.images, args.list_file, int(model.data_info["num_views"]))
     reports = generate_reports(model, [views for _, views in studies], beam_size=args.beam_size,
                                block_ngram=args.block_ngram, batch_size=args.batch_size, device=device,
                                max_len=args.max_len)
