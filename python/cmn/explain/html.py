@@ -40,15 +40,11 @@ def _minmax_uint8(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _top_slots(slots: np.ndarray, weights: np.ndarray, top: int = TOP_SLOTS) -> list[list[list[float]]]:
     """Per row of (n, H, K) selections, the ``top`` slots by weight summed over heads / H,
     as [[slot, share], ...] (share of the row's whole memory reading)."""
-    n, H, _ = slots.shape
-    out = []
-    for r in range(n):
-        total: dict[int, float] = {}
-        for s, w in zip(slots[r].ravel().tolist(), weights[r].ravel().tolist()):
-            total[s] = total.get(s, 0.0) + w / H
-        best = sorted(total.items(), key=lambda kv: -kv[1])[:top]
-        out.append([[int(s), round(w, 4)] for s, w in best])
-    return out
+    n, H, K = slots.shape
+    dense = np.zeros((n, int(slots.max(initial=0)) + 1))  # (n, N)
+    np.add.at(dense, (np.repeat(np.arange(n), H * K), slots.reshape(-1)), weights.reshape(-1) / H)
+    best = np.argsort(-dense, axis=1, kind="stable")[:, :top]  # (n, top)
+    return [[[int(s), round(float(dense[r, s]), 4)] for s in best[r] if dense[r, s] > 0] for r in range(n)]
 
 
 def _round(values: np.ndarray, digits: int = 5) -> list:
