@@ -81,14 +81,15 @@ def render_eval_page(references: Mapping[str, str], predictions: Mapping[str, st
             f"<td>{marked_text(predictions[key], flagged)}</td><td>{marked_text(references[key], flagged)}</td>"
             f"<td>{esc(names)}</td></tr>"
         )
-    summary = "".join(f"<tr><td>{esc(k)}</td><td class=\"num\">{_fmt(v)}</td></tr>" for k, v in scores.items())
+    summary = ("<tr>" + "".join(f"<th>{esc(k)}</th>" for k in scores) + "</tr><tr>"
+               + "".join(f"<td class=\"num\">{_fmt(v)}</td>" for v in scores.values()) + "</tr>")
     n_differ = int(differ.any(axis=1).sum())
     body = (
         f"<h1>{esc(title)}</h1>\n"
         f"<p class=\"muted\">{len(keys)} studies; {n_differ} with a finding the labeler reads differently in "
         f"prediction and reference (<mark>highlighted</mark>; uncertain counts as {esc(uncertain)}, as in the CE "
         "scores). Click a column heading to sort.</p>\n"
-        f"<details class=\"help\" open><summary>Overall scores</summary><table class=\"summary\">{summary}</table></details>\n"
+        f"<div class=\"scroll\"><table class=\"summary\">{summary}</table></div>\n"
         "<table class=\"studies\"><thead><tr>"
         '<th><button type="button" data-sort="id">id</button></th>'
         '<th><button type="button" data-sort="bleu">BLEU-4</button></th>'
