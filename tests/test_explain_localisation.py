@@ -89,7 +89,7 @@ def test_score_study_counts_only_stated_findings():
     bottom[6:, :] = True
     tally = Tally()
     score_study(e, {"pneumothorax": (top_left, top_left), "effusion": (bottom, bottom)}, tally)
-    assert tally.summary() == {"cases": 1, "attention_rate": 1.0, "memory_overlap_rate": 0.0,
+    assert tally.summary() == {"cases": 1, "attention_rate": 1.0, "attention_layer_1_rate": 1.0,
                                "chance_rate": pytest.approx(0.25)}
     score_study(_explanation(words, (1, 1, 1)), {"pneumothorax": (top_left, top_left)}, tally)
     assert tally.summary()["attention_rate"] == 0.5 and tally.by_finding["pneumothorax"].cases == 2

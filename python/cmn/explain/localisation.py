@@ -9,8 +9,8 @@ it positive), takes the first finding word outside a negated phrase (``effusion`
 ``catheter``/``pacemaker``...). A case is a
 hit when the patch with the largest mean-over-layers attention (over all views) overlaps the
 drawn region. The chance rate is the same for a patch picked uniformly at random: the share of
-patches the region touches, averaged over the cases. The memory-overlap map is scored the same
-way.
+patches the region touches, averaged over the cases. Each layer's map and the memory-overlap
+map are scored the same way.
 
 ``--report reference`` explains the reference reports (teacher-forced) instead of generated
 ones, so findings the model does not write yet are scored too.
@@ -69,23 +69,25 @@ def hit(heat: np.ndarray, region: np.ndarray) -> bool:
 
 @dataclass
 class Tally:
+    """Cases and hits per map: ``attention`` (mean of layers, what the page shows first),
+    ``attention_layer_<k>`` and ``memory_overlap``."""
+
     cases: int = 0
-    attention_hits: int = 0
-    overlap_hits: int = 0
+    hits: dict = field(default_factory=dict)
     chance: float = 0.0  # sum over cases of the region's share of patches
     by_finding: dict = field(default_factory=dict)
 
-    def add(self, finding: str, attention_hit: bool, overlap_hit: Optional[bool], chance: float) -> None:
+    def add(self, finding: str, hits: dict[str, bool], chance: float) -> None:
         for t in (self, self.by_finding.setdefault(finding, Tally())):
             t.cases += 1
-            t.attention_hits += attention_hit
-            t.overlap_hits += bool(overlap_hit)
+            for name, h in hits.items():
+                t.hits[name] = t.hits.get(name, 0) + int(h)
             t.chance += chance
 
     def summary(self) -> dict:
         n = max(self.cases, 1)
-        return {"cases": self.cases, "attention_rate": self.attention_hits / n,
-                "memory_overlap_rate": self.overlap_hits / n, "chance_rate": self.chance / n}
+        return {"cases": self.cases, **{f"{name}_rate": h / n for name, h in self.hits.items()},
+                "chance_rate": self.chance / n}
 
 
 def finding_word(e, finding: str) -> Optional[int]:
@@ -105,8 +107,12 @@ def score_study(e, regions: dict[str, tuple[np.ndarray, ...]], tally: Tally) -> 
         if i is None:
             continue
         region = np.stack([patch_coverage(m, (h, w)) for m in masks])  # (V, h, w)
-        overlap_hit = hit(e.overlap(i), region) if e.shared_memory and e.word_slots is not None else None
-        tally.add(finding, hit(e.attention(i), region), overlap_hit, float(region.mean()))
+        hits = {"attention": hit(e.attention(i), region)}
+        hits.update({f"attention_layer_{y + 1}": hit(e.attention(i, layer=y), region)
+                     for y in range(e.cross_attention.shape[0])})
+        if e.shared_memory and e.word_slots is not None:
+            hits["memory_overlap"] = hit(e.overlap(i), region)
+        tally.add(finding, hits, float(region.mean()))
 
 
 def measure(model, demo_root: Path, split: str = "test", *, report: str = "generated", limit: Optional[int] = None,

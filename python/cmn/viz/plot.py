@@ -80,9 +80,10 @@ def _draw(ax, records: list[dict], title: str, keys: Sequence[str]) -> bool:
         ax.axvline(best, color="0.6", linestyle="--", linewidth=1, label=f"best epoch {best}")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
     if drawn and len(keys) > 1:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="best")
     if not drawn:
         ax.text(0.5, 0.5, "not in this run's log", ha="center", va="center", transform=ax.transAxes, color="0.5")
     return drawn
