@@ -21,8 +21,15 @@ def demo(tmp_path_factory):
     return demo_data(tmp_path_factory.mktemp("explain") / "demo")
 
 
+@pytest.fixture(scope="module")
+def model(demo, tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("ckpt") / "cmn", demo, "cmn")
+
+
 @pytest.fixture(scope="module", params=["cmn", "mem", "base"])
-def model(request, demo, tmp_path_factory):
+def any_model(request, model, demo, tmp_path_factory):
+    if request.param == "cmn":
+        return model
     return tiny_model(tmp_path_factory.mktemp("ckpt") / request.param, demo, request.param)
 
 
@@ -75,7 +82,8 @@ def test_memory_overlap_hand_computed():
     np.testing.assert_allclose(memory_overlap(b_slots, b_w, a_slots, a_w), got.T, atol=1e-6)
 
 
-def test_explanation_arrays(model, demo):
+def test_explanation_arrays(any_model, demo):
+    model = any_model
     e = explain_study(model, demo_views(demo), study_id="s0")
     assert e.report == generate_reports(model, [demo_views(demo)])[0]
     T, V = len(e.words), 2
@@ -116,9 +124,8 @@ def test_each_word_map_comes_from_the_step_that_wrote_it(model, demo):
     k = a.split().index("normal")
     np.testing.assert_allclose(ea.cross_attention[:, : k + 1], eb.cross_attention[:, : k + 1], atol=1e-6)
     assert not np.allclose(ea.cross_attention[:, k + 1], eb.cross_attention[:, k + 1], atol=1e-6)
-    if model.cfg.variant != "base":
-        np.testing.assert_array_equal(ea.word_slots[:k], eb.word_slots[:k])
-        assert not np.allclose(ea.word_slot_weights[k], eb.word_slot_weights[k])
+    np.testing.assert_array_equal(ea.word_slots[:k], eb.word_slots[:k])
+    assert not np.allclose(ea.word_slot_weights[k], eb.word_slot_weights[k])
 
 
 def test_explain_a_given_report_and_its_entities(model, demo):

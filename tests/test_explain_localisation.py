@@ -32,11 +32,14 @@ def test_regions_do_not_change_the_drawn_study():
 
 
 def test_regions_lie_where_the_findings_are_drawn():
-    params = demo_mod.DemoParams(60, 1, 1, 128, 0)
+    params = demo_mod.DemoParams(40, 1, 1, 128, 0)
     seen = set()
-    for index in range(60):
-        findings = demo_mod._study(params, "train", index)[0]
-        for name, (frontal, lateral) in demo_mod.finding_regions(params, "train", index).items():
+    for index in range(40):
+        regions = ({}, {})
+        findings = demo_mod._study(params, "train", index, regions)[0]
+        assert demo_mod.finding_regions(params, "train", index).keys() == regions[0].keys()
+        for name in regions[0]:
+            frontal, lateral = regions[0][name], regions[1][name]
             seen.add(name)
             assert frontal.dtype == bool and frontal.shape == (128, 128) and frontal.any() and lateral.any()
             rows, cols = np.nonzero(frontal)
