@@ -28,8 +28,6 @@ import torch
 from cmn.errors import DataError
 from cmn.metrics.clinical import find_mentions, label_reports
 
-ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image"]  # noqa: F821
-
 
 @dataclass(frozen=True)
 class Entity:
