@@ -101,3 +101,17 @@ def test_a_page_of_100_studies_stays_under_20_mb():
     one, three = len(render_page(studies[:1]).encode()), len(render_page(studies).encode())
     per_study = (three - one) / 2  # studies are independent sections: the page grows linearly
     assert one + 99 * per_study < 20e6, f"{per_study / 1e3:.0f} kB per study"
+
+
+def test_console_script_entries_resolve():
+    import importlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    for name in ("cmn-explain", "cmn-plot"):
+        module, func = re.search(rf'^{name} = "([\w.]+):(\w+)"', text, re.M).groups()
+        assert callable(getattr(importlib.import_module(module), func))
+    proc = subprocess.run([sys.executable, "-m", "cmn.explain", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--checkpoint" in proc.stdout
