@@ -210,7 +210,7 @@ def generate_parser() -> argparse.ArgumentParser:
 @user_errors
 def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     from cmn.checkpoint import load_checkpoint
-    from cmn.inference import generate_reports, group_studies
+    from cmn.inference import collect_studies, generate_reports
     from cmn.runtime import select_device
 
     args = generate_parser().parse_args(argv)
@@ -220,29 +220,13 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     device = select_device(args.device)
     model = load_checkpoint(args.checkpoint, device=device)
     num_views = int(model.data_info["num_views"])
-    studies = group_studies(args.images, num_views)
-    if args.list_file:
-        try:
-            lines = Path(args.list_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CMNError(f"--list {args.list_file}: cannot be read ({e})") from None
-        for n, line in enumerate(lines, 1):
-            paths = line.split()
-            if not paths:
-                continue
-            if len(paths) != num_views:
-                raise CMNError(f"--list {args.list_file}, line {n}: {len(paths)} image(s), but this model reads "
-                               f"{num_views} per study")
-            try:
-                studies.extend(group_studies(paths, num_views))
-            except CMNError as e:
-                raise CMNError(f"--list {args.list_file}, line {n}: {e}") from None
+    studies: list = []
+    if args.images or args.list_file or args.annotation is None:
+        studies = collect_studies(args.images, args.list_file, num_views)
     references: dict[str, dict[str, str]] = {}
     if args.annotation is not None:
         found, references = _annotation_studies(args.annotation, args.image_dir, args.split, model, num_views)
         studies.extend(found)
-    if not studies:
-        raise CMNError("no studies given: pass IMAGE paths or folders, --list FILE or --annotation FILE")
     reports = generate_reports(model, [views for _, views in studies], beam_size=args.beam_size,
                                block_ngram=args.block_ngram, batch_size=args.batch_size, device=device,
                                max_len=args.max_len, decode=args.decode)

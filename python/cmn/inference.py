@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from PIL import Image
 
 from cmn.errors import DataError
 
@@ -59,6 +60,52 @@ def group_studies(inputs: Sequence[PathLike], num_views: int) -> list[tuple[str,
     return studies
 
 
+def read_study_list(path: PathLike, num_views: int) -> list[tuple[str, tuple[Path, ...]]]:
+    """Studies from a ``--list`` file: one study per line, its image paths separated by spaces."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--list {path}: cannot be read ({e})") from None
+    studies: list[tuple[str, tuple[Path, ...]]] = []
+    for n, line in enumerate(lines, 1):
+        paths = line.split()
+        if not paths:
+            continue
+        if len(paths) != num_views:
+            raise DataError(f"--list {path}, line {n}: {len(paths)} image(s), but this model reads "
+                            f"{num_views} per study")
+        try:
+            studies.extend(group_studies(paths, num_views))
+        except DataError as e:
+            raise DataError(f"--list {path}, line {n}: {e}") from None
+    return studies
+
+
+def collect_studies(inputs: Sequence[PathLike], list_file: Optional[PathLike],
+                    num_views: int) -> list[tuple[str, tuple[Path, ...]]]:
+    """The studies of a command line: IMAGE arguments (:func:`group_studies`), then ``--list``."""
+    studies = group_studies(inputs, num_views)
+    if list_file:
+        studies.extend(read_study_list(list_file, num_views))
+    if not studies:
+        raise DataError("no studies given: pass IMAGE paths or folders, or --list FILE")
+    return studies
+
+
+def load_study(model: torch.nn.Module, views: Sequence[PathLike]) -> tuple[torch.Tensor, list]:
+    """One study's image files (or PIL images) -> the model's input (V, 3, S, S) float32 and the decoded
+    RGB PIL images. ``model`` carries ``data_info`` (from :func:`cmn.load_checkpoint`)."""
+    from cmn.data.images import build_transform, load_image
+
+    info = model.data_info
+    num_views, image_size = int(info["num_views"]), int(info["image_size"])
+    if len(views) != num_views:
+        raise DataError(f"study {list(map(str, views))}: this model reads {num_views} view(s), got {len(views)}")
+    transform = build_transform(image_size, train=False)
+    pictures = [v.convert("RGB") if isinstance(v, Image.Image) else load_image(v) for v in views]
+    return torch.stack([transform(p) for p in pictures]), pictures  # (V, 3, S, S)
+
+
 @torch.no_grad()
 def generate_reports(
     model: torch.nn.Module,
@@ -75,21 +122,11 @@ def generate_reports(
 
     ``model`` comes from :func:`cmn.load_checkpoint` (it carries its tokenizer and image settings).
     """
-    from cmn.data.images import build_transform, load_image
-
-    info = model.data_info
-    num_views, image_size = int(info["num_views"]), int(info["image_size"])
-    transform = build_transform(image_size, train=False)
     device = device or next(model.parameters()).device
     reports: list[str] = []
     for start in range(0, len(studies), batch_size):
         chunk = studies[start : start + batch_size]
-        batch = []
-        for views in chunk:
-            if len(views) != num_views:
-                raise DataError(f"study {list(map(str, views))}: this model reads {num_views} view(s), got {len(views)}")
-            batch.append(torch.stack([transform(load_image(v)) for v in views]))  # (V, 3, S, S)
-        images = torch.stack(batch).to(device)  # (B, V, 3, S, S)
+        images = torch.stack([load_study(model, views)[0] for views in chunk]).to(device)  # (B, V, 3, S, S)
         seqs = model.generate(images, beam_size=beam_size, block_ngram=block_ngram, max_len=max_len, decode=decode)
         reports.extend(model.tokenizer.decode(list(s)) for s in seqs)
     return reports

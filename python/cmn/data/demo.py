@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -277,7 +278,13 @@ def _lung_frontal(cv: _Canvas, sign: float, anat: dict) -> tuple[np.ndarray, dic
     return mask * medial, {"cx": cx, "cy": cy, "rx": rx, "ry": ry, "r": r, "dome": dome, "base": base}
 
 
-def _render_frontal(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
+def _note(regions: Optional[dict], name: str, mask: np.ndarray) -> None:
+    """Record where a finding is drawn (``mask`` > 1/2) when the caller asked for regions."""
+    if regions is not None:
+        regions[name] = regions.get(name, False) | (np.asarray(mask) > 0.5)
+
+
+def _render_frontal(cv: _Canvas, f: Findings, anat: dict, regions: Optional[dict] = None) -> np.ndarray:
     X, Y = cv.X, cv.Y
     img = np.full(X.shape, 0.04, dtype=np.float32)
     torso = _sigmoid((1 - (np.abs(X / 0.93) ** 3 + np.abs((Y - 0.2) / 1.05) ** 3) ** (1 / 3)) / cv.edge)
@@ -324,6 +331,7 @@ def _render_frontal(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
         ptx = _sigmoid((g["r"] - r_line) / 0.015) * (depth > 0.01) * side_lung
         ptx_line = np.exp(-(((g["r"] - r_line) / 0.012) ** 2)) * (depth > 0.03) * side_lung
         lung_value = lung_value * (1 - ptx) + (0.02 + 0.03 * ribs) * ptx
+        _note(regions, "pneumothorax", np.maximum(ptx, ptx_line))
 
     img = img * (1 - lung) + lung_value * lung
     img += 0.3 * ptx_line * lung
@@ -343,6 +351,8 @@ def _render_frontal(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
     heart = cv.ellipse(right_border + width / 2, anat["heart_cy"], width / 2, 0.2 + 0.15 * width)
     heart *= _sigmoid((anat["diaphragm_y"] + 0.12 - Y) / cv.edge)
     img = img * (1 - heart) + 0.58 * heart
+    if f.cardiomegaly:
+        _note(regions, "cardiomegaly", heart)
 
     # Gastric bubble under the left hemidiaphragm, liver density under the right.
     img -= 0.12 * cv.ellipse(0.38, anat["diaphragm_y"] + 0.16, 0.13, 0.06)
@@ -357,12 +367,15 @@ def _render_frontal(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
             level = g["base"] - height - 0.12 * (lateral + 1) / 2 * (1 + height)
             fluid = cv.below(level) * lungs[0 if side == "right" else 1]
             img = img * (1 - fluid) + (0.5 + 0.03 * cv.smooth_noise(3)) * fluid
+            _note(regions, "effusion", fluid)
 
     if f.consolidation_side:
         g = geom[f.consolidation_side]
         cx, cy = g["cx"] + _side_x(f.consolidation_side) * 0.05, g["base"] - 0.3
         patch = np.exp(-2 * cv.radius(cx, cy, 0.2, 0.17) ** 2) * np.clip(0.8 + 0.35 * cv.smooth_noise(3.5), 0, 1.5)
         img += 0.26 * patch * lungs[0 if f.consolidation_side == "right" else 1]
+        _note(regions, "consolidation", 2 * np.exp(-2 * cv.radius(cx, cy, 0.2, 0.17) ** 2)
+              * lungs[0 if f.consolidation_side == "right" else 1])
 
     if f.nodule_lobe:
         side, level = f.nodule_lobe.split()
@@ -371,20 +384,24 @@ def _render_frontal(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
         nx = g["cx"] + _side_x(side) * anat["nodule_dx"]
         rad = 0.04 * f.nodule_cm + 0.015
         img += 0.3 * cv.ellipse(nx, ny, rad, rad)
+        _note(regions, "nodule", cv.ellipse(nx, ny, rad, rad))
 
     if f.device == "catheter":
         tip = (-0.1, -0.18)
         path = _bezier((-0.3, -1.05), (-0.16, -0.65), tip, 14)
         img += 0.45 * cv.polyline(path, 0.016)
+        _note(regions, "device", cv.polyline(path, 0.016))
     elif f.device == "pacemaker":
         box = (0.55, -0.52)
         img += 0.55 * cv.box(*box, 0.1, 0.065)
+        _note(regions, "device", cv.box(*box, 0.1, 0.065))
         for end, bend in (((-0.04, 0.12), (0.2, -0.55)), ((0.16, 0.36), (0.3, -0.3))):
             img += 0.45 * cv.polyline(_bezier(box, bend, end, 14), 0.012)
+            _note(regions, "device", cv.polyline(_bezier(box, bend, end, 14), 0.012))
     return img
 
 
-def _render_lateral(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
+def _render_lateral(cv: _Canvas, f: Findings, anat: dict, regions: Optional[dict] = None) -> np.ndarray:
     X, Y = cv.X, cv.Y
     img = np.full(X.shape, 0.04, dtype=np.float32)
     body = np.clip(cv.ellipse(0.05, 0.15, 0.8, 1.1) + cv.box(0.05, -0.95, 0.3, 0.2), 0, 1)
@@ -407,6 +424,7 @@ def _render_lateral(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
         lung_value = lung_value * (1 - ptx) + 0.05 * ptx
         img += 0.0
         line = np.exp(-(((r - (1 - depth)) / 0.012) ** 2)) * (depth > 0.03)
+        _note(regions, "pneumothorax", np.maximum(ptx, line) * lung)
     else:
         line = 0.0
     img = img * (1 - lung) + lung_value * lung
@@ -424,6 +442,8 @@ def _render_lateral(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
     heart = cv.ellipse(-0.2 + 0.3 * grow, anat["heart_cy"] + 0.02, 0.3 + 0.5 * grow, 0.26 + 0.3 * grow)
     heart *= _sigmoid((dia + 0.1 - Y) / cv.edge)
     img = img * (1 - heart) + 0.56 * heart
+    if f.cardiomegaly:
+        _note(regions, "cardiomegaly", heart)
 
     if f.effusion_side:
         both = f.effusion_side == "bilateral"
@@ -431,10 +451,12 @@ def _render_lateral(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
         level = dia - height - 0.25 * np.clip(X, 0, 1)  # fluid collects in the posterior sulcus
         fluid = cv.below(level) * lung * _sigmoid((X - 0.05) / 0.08)
         img = img * (1 - fluid) + 0.5 * fluid
+        _note(regions, "effusion", fluid)
 
     if f.consolidation_side:
         patch = np.exp(-2 * cv.radius(0.35, dia.mean() - 0.3, 0.2, 0.17) ** 2)
         img += 0.22 * patch * np.clip(0.8 + 0.35 * cv.smooth_noise(3.5), 0, 1.5) * lung
+        _note(regions, "consolidation", 2 * patch * lung)
 
     if f.nodule_lobe:
         level = f.nodule_lobe.split()[1]
@@ -442,14 +464,18 @@ def _render_lateral(cv: _Canvas, f: Findings, anat: dict) -> np.ndarray:
         nx = 0.05 if level == "upper" else 0.32
         rad = 0.04 * f.nodule_cm + 0.015
         img += 0.28 * cv.ellipse(nx, ny, rad, rad)
+        _note(regions, "nodule", cv.ellipse(nx, ny, rad, rad))
 
     if f.device == "catheter":
         img += 0.45 * cv.polyline(_bezier((0.1, -1.05), (0.05, -0.6), (-0.05, -0.2), 12), 0.016)
+        _note(regions, "device", cv.polyline(_bezier((0.1, -1.05), (0.05, -0.6), (-0.05, -0.2), 12), 0.016))
     elif f.device == "pacemaker":
         box = (-0.5, -0.48)
         img += 0.55 * cv.box(*box, 0.05, 0.08)
+        _note(regions, "device", cv.box(*box, 0.05, 0.08))
         for end in ((-0.3, 0.12), (-0.18, 0.38)):
             img += 0.45 * cv.polyline(_bezier(box, (-0.3, -0.4), end, 12), 0.012)
+            _note(regions, "device", cv.polyline(_bezier(box, (-0.3, -0.4), end, 12), 0.012))
     return img
 
 
@@ -474,15 +500,21 @@ def _anatomy(f: Findings, rng: np.random.Generator) -> dict:
     }
 
 
-def render_study(f: Findings, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Frontal and lateral uint8 (size, size) images showing the findings ``f``."""
+def render_study(f: Findings, size: int, rng: np.random.Generator,
+                 regions: Optional[tuple[dict, dict]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frontal and lateral uint8 (size, size) images showing the findings ``f``.
+
+    ``regions``: two dicts (frontal, lateral) that receive, per drawn finding of
+    :data:`FINDINGS`, a bool (size, size) mask of where it was drawn. Asking for them draws
+    the same random numbers and gives the same images.
+    """
     anat = _anatomy(f, rng)
     look = {"contrast": rng.uniform(0.9, 1.15), "brightness": rng.uniform(-0.04, 0.04),
             "gamma": rng.uniform(0.85, 1.15), "noise": rng.uniform(0.01, 0.025)}
     views = []
-    for render in (_render_frontal, _render_lateral):
+    for view, render in enumerate((_render_frontal, _render_lateral)):
         cv = _Canvas(size, rng)
-        views.append(_finish(render(cv, f, anat), cv, look))
+        views.append(_finish(render(cv, f, anat, None if regions is None else regions[view]), cv, look))
     return views[0], views[1]
 
 
@@ -499,12 +531,35 @@ class DemoParams:
     version: int = DEMO_VERSION
 
 
-def _study(params: DemoParams, split: str, index: int):
+def _study(params: DemoParams, split: str, index: int, regions: Optional[tuple[dict, dict]] = None):
     rng = np.random.default_rng([params.seed, _SPLIT_CODES[split], index])
     findings = sample_findings(rng)
     report = write_report(findings, rng)
-    frontal, lateral = render_study(findings, params.image_size, rng)
+    frontal, lateral = render_study(findings, params.image_size, rng, regions)
     return findings, report, frontal, lateral
+
+
+def finding_regions(params: DemoParams, split: str, index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Where study ``index`` of ``split`` shows each of its findings: ``{finding: (frontal,
+    lateral)}`` bool (image_size, image_size) masks, for the findings drawn in it.
+
+    Re-draws the study from its seed (about as costly as generating it); the dataset on
+    disk is not read or changed. ``params`` is what made it (``demo-complete.json``).
+    """
+    if split not in _SPLIT_CODES:
+        raise ValueError(f"split must be one of {', '.join(_SPLIT_CODES)}, got {split!r}")
+    frontal, lateral = {}, {}
+    _study(params, split, index, (frontal, lateral))
+    return {name: (frontal[name], lateral[name]) for name in FINDINGS if name in frontal}
+
+
+def read_params(root: str | Path) -> DemoParams:
+    """The parameters a complete demo folder was made with (its marker file)."""
+    marker = Path(root) / MARKER
+    try:
+        return DemoParams(**json.loads(marker.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"{marker}: not a complete demo data folder ({e})") from None
 
 
 def _generate(out: Path, params: DemoParams) -> None:

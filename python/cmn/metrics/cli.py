@@ -177,6 +177,8 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="how uncertain CE labels count (default: negative, as the reference code)")
     p.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
                    help="compute METEOR (needs java; default: on)")
+    p.add_argument("--html", type=Path, help="also write a page: prediction and reference side by side per study, "
+                                             "findings the labeler disagrees on highlighted, sortable by BLEU-4")
     return p
 
 
@@ -218,6 +220,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         scores.update({k + suffix: v for k, v in part.items()})
         ce = part_ce if ce is None else ce
     print(format_table(scores, ce))
+    if args.html is not None:
+        from cmn.viz.eval_page import write_eval_page
+
+        write_eval_page(args.html, references[modes[0]], preds, scores, uncertain=args.uncertain)
     if args.output is not None:
         payload = {
             "n": len(preds), "references": args.references,

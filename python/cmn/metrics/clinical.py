@@ -303,10 +303,19 @@ def _classify(lab: _Labeler, before: str, after: str, flag: str) -> float | None
 _RANK = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1}
 
 
-def _label_one(lab: _Labeler, report: str) -> list[float]:
-    best: dict[int, float] = {}
-    report = report.lower()
-    for sentence in (_QUESTION_SPLIT if "?" in report else _SENTENCE_SPLIT).split(report):
+def _sentences(text: str):
+    """(offset, sentence) pairs of ``text``, split at sentence ends (a "?" stays with its sentence)."""
+    pos = 0
+    for sep in (_QUESTION_SPLIT if "?" in text else _SENTENCE_SPLIT).finditer(text):
+        yield pos, text[pos:sep.start()]
+        pos = sep.end()
+    yield pos, text[pos:]
+
+
+def _mentions(lab: _Labeler, text: str):
+    """(start, end, observation index or _OTHER, status) of each classified mention in ``text``
+    (lowercased), in order; a linked mention that is negated yields nothing."""
+    for offset, sentence in _sentences(text):
         for m in lab.mention.finditer(sentence):
             targets = lab.targets[m.lastindex - 1]
             if not targets:
@@ -329,9 +338,15 @@ def _label_one(lab: _Labeler, report: str) -> list[float]:
                     if status == NEGATIVE:
                         continue
                     status = UNCERTAIN
-                old = best.get(obs)
-                if old is None or _RANK[status] > _RANK[old]:
-                    best[obs] = status
+                yield offset + m.start(), offset + m.end(), obs, status
+
+
+def _label_one(lab: _Labeler, report: str) -> list[float]:
+    best: dict[int, float] = {}
+    for _, _, obs, status in _mentions(lab, report.lower()):
+        old = best.get(obs)
+        if old is None or _RANK[status] > _RANK[old]:
+            best[obs] = status
     row = [float("nan")] * len(CHEXPERT_OBSERVATIONS)
     finding = False
     for obs, status in best.items():
@@ -434,6 +449,27 @@ def label_reports(reports: Sequence[str], sections: str = "all") -> np.ndarray:
             raise DataError(f"report {i} is {type(report).__name__}, not text")
         out[i] = _label_one(lab, report_sections(report) if sections == "auto" else report)
     return out
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One phrase the labeler read: ``report.lower()[start:end]``, the observation it names
+    and how the labeler classified it (1 positive, 0 negative, -1 uncertain)."""
+
+    start: int
+    end: int
+    observation: str
+    label: float
+
+
+def find_mentions(report: str) -> list[Mention]:
+    """The labeler's mentions of the 14 observations in ``report``, in reading order (what
+    :func:`label_reports` aggregates). Offsets index ``report.lower()``, which has the same
+    length as ``report`` for ASCII text. Mentions of findings outside the 14 are left out."""
+    if not isinstance(report, str):
+        raise DataError(f"report is {type(report).__name__}, not text")
+    return [Mention(start, end, CHEXPERT_OBSERVATIONS[obs], status)
+            for start, end, obs, status in _mentions(_labeler(), report.lower()) if obs != _OTHER]
 
 
 # ---------------------------------------------------------------------------- metrics

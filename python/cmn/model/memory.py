@@ -58,13 +58,22 @@ class MemoryQuery(nn.Module):
         v = self.v_proj(memory).view(N, self.num_heads, self.d_k).transpose(0, 1)  # (H, N, d_k)
         return MemoryKV(k, v)
 
-    def forward(self, x: torch.Tensor, kv: MemoryKV) -> torch.Tensor:
-        """x (B, L, d_model) -> memory response (B, L, d_model)."""
+    def forward(self, x: torch.Tensor, kv: MemoryKV, return_selection: bool = False):
+        """x (B, L, d_model) -> memory response (B, L, d_model).
+
+        ``return_selection=True`` (for explanations) also returns the selected slots
+        (B, H, L, K) int64 and their softmax weights (B, H, L, K), as :func:`cmn.ops.memory_query`.
+        """
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.d_k).transpose(1, 2)  # (B, H, L, d_k)
         dropout_p = self.dropout if self.training else 0.0
-        out = memory_query(q, kv.keys.to(q.dtype), kv.values.to(q.dtype), self.topk, impl=self.impl, dropout_p=dropout_p)
+        out = memory_query(q, kv.keys.to(q.dtype), kv.values.to(q.dtype), self.topk, impl=self.impl,
+                           dropout_p=dropout_p, return_selection=return_selection)
+        if return_selection:
+            out, idx, weights = out
         out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.d_k)  # (B, L, d_model)
+        if return_selection:
+            return self.out_proj(out), idx, weights
         return self.out_proj(out)
 
     def extra_repr(self) -> str:

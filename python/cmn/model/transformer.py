@@ -55,15 +55,33 @@ class MultiHeadAttention(nn.Module):
         """x (B, S, d_model) -> keys, values (B, H, S, d_k)."""
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (B, L, d_model) queries projected keys/values (B, H, S, d_k); mask (B, 1|L, S) bool, True = visible."""
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               return_weights: bool = False):
+        """x (B, L, d_model) queries projected keys/values (B, H, S, d_k); mask (B, 1|L, S) bool, True = visible.
+
+        ``return_weights=True`` (eval only, for explanations) computes the attention explicitly
+        and also returns its weights (B, H, L, S) fp32; the default path is SDPA's fused kernel.
+        """
         q = self.split_heads(self.q_proj(x))  # (B, H, L, d_k)
         if mask is not None:
             mask = mask.unsqueeze(1)  # (B, 1, L|1, S)
+        if return_weights:
+            return self._attend_with_weights(q, k, v, mask)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, d_k)
         B, H, L, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * self.d_k))
+
+    def _attend_with_weights(self, q, k, v, mask):
+        if self.training:
+            raise RuntimeError("attention weights are for eval mode (no dropout); call model.eval() first")
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_k)  # (B, H, L, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.float().softmax(-1)  # (B, H, L, S)
+        out = weights.to(v.dtype) @ v  # (B, H, L, d_k)
+        B, H, L, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * self.d_k)), weights
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         k, v = self.project_kv(context)

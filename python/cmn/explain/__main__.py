@@ -1,0 +1,5 @@
+import sys
+
+from cmn.explain.cli import main
+
+sys.exit(main())
