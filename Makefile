@@ -1,7 +1,7 @@
 # The two commands of the README, and a few helpers.
 PY ?= python3
 
-.PHONY: demo test install rust-check bench bench-gpu
+.PHONY: demo test install browser rust-check bench bench-gpu
 
 install:
 	$(PY) -m pip install -e ".[test]"
@@ -15,8 +15,19 @@ rust-check:
 	cargo clippy --all-targets -- -D warnings
 	cargo test --quiet
 
+# The headless browser the page tests open (Debian's Chromium and its driver), when missing.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else \
+			echo "page tests need: sudo apt-get install -y chromium chromium-driver"; \
+		fi; \
+	fi
+
 # Everything CI runs: install, Rust checks, the test suite, and each benchmark once (smoke).
-test: install rust-check
+test: install browser rust-check
 	$(PY) -m pytest tests benches --benchmark-disable
 
 # Full CPU benchmarks (timed); see benches/RESULTS.md.
