@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from cmn.data import demo as demo_mod
+from cmn.data.demo import store as demo_mod
 from cmn.explain.core import Explanation, entities_of
 from cmn.metrics.clinical import label_reports
 from cmn.explain.localisation import Tally, finding_word, hit, main, patch_coverage, score_study

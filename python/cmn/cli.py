@@ -16,7 +16,7 @@ from cmn.config import (
     ARCHITECTURE_FIELDS, DATASETS, DECODINGS, MAX_TOKENS, MEMORY_IMPLS, MODEL_VARIANTS, PRECISIONS, PRESETS, VISUAL_EXTRACTORS,
     DataConfig, ModelConfig, TrainConfig,
 )
-from cmn.cliutil import bounded, positive_int, user_errors
+from cmn.cliutil import ArgumentParser, bounded, positive_int, user_errors
 from cmn.errors import CMNError, ConfigError
 
 
@@ -34,7 +34,7 @@ _TRAIN_FLAGS = ["epochs", "lr_ve", "lr_ed", "weight_decay", "step_size", "gamma"
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cmn-train",
         description="Train a Cross-modal Memory Network (CMN) report generator. Without --dataset it trains on "
                     "the built-in synthetic demo data (generated on first use, nothing downloaded).",
@@ -134,13 +134,32 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, dict[str, A
     return data, model_kw, train
 
 
+def _findings_table(model: dict[str, Any], baseline: dict[str, Any]) -> str:
+    """The demo's per-finding results against the drawn truth (test split)."""
+    lines = ["", "test reports vs what the demo images show (drawn truth):",
+             f"{'finding':16}{'F1':>8}{'P':>8}{'R':>8}{'side ok':>10}{'support':>9}{'baseline F1':>13}"]
+    for name, row in model.items():
+        if name == "macro_f1":
+            continue
+        side = "-" if row.get("laterality") is None else f"{row['laterality']:.2f}"
+        lines.append(f"{name:16}{row['f1']:8.3f}{row['precision']:8.3f}{row['recall']:8.3f}{side:>10}"
+                     f"{int(row['support']):9d}{baseline[name]['f1']:13.3f}")
+    lines.append(f"{'macro':16}{model['macro_f1']['f1']:8.3f}{'':34}{baseline['macro_f1']['f1']:13.3f}")
+    return "\n".join(lines)
+
+
 def _init_from_defaults(given: dict[str, Any], model: dict[str, Any],
                         data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """With --init-from, the bundle's architecture replaces the preset's; a flag that asks for
     another architecture is an error (its weights would not fit)."""
     from cmn.checkpoint import read_config
 
-    saved = read_config(given["init_from"])
+    if given.get("resume"):
+        raise ConfigError("--init-from starts a new run; --resume continues one: give only one of them")
+    try:
+        saved = read_config(given["init_from"])
+    except CMNError as e:
+        raise ConfigError(f"--init-from {e}") from None
     try:
         arch = {k: saved["model"][k] for k in ARCHITECTURE_FIELDS}
         views = int(saved["data"]["num_views"])
@@ -173,6 +192,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name:18}" + "".join(f"{scores.get(k, float('nan')):9.4f}" for k in keys))
         print("* baseline: always writing the most frequent training report")
         print("** references not cut to --max-seq-length tokens (the published protocol cuts them)")
+        if "demo_findings" in result:
+            print(_findings_table(result["demo_findings"], result["baseline_demo_findings"]))
         print(f"best epoch {result['best_epoch']} of {result['epochs_run']}, {result['train_seconds']:.0f} s of "
               f"training; checkpoint: {train.output_dir}/checkpoint")
     return 0
@@ -180,7 +201,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 # ---- cmn-generate ------------------------------------------------------------------------
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cmn-generate",
         description="Write a findings report for each study. Image files are grouped in order, as many per "
                     "study as the model has views (IU X-Ray style: 2; MIMIC-CXR style: 1); a folder of images is "

@@ -11,7 +11,6 @@ argparse's one-line usage error (exit 2) rather than a failure deep inside.
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import math
 import os
@@ -23,30 +22,73 @@ from cmn.errors import CMNError
 Main = Callable[[Optional[Sequence[str]]], int]
 
 
+class UsageError(CMNError):
+    """A command line argparse rejects (unknown flag, bad value)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported like every other user error: one
+    ``error: --flag: cause`` line and exit status 2 (through :func:`user_errors`), no usage
+    block. ``--help`` is unchanged."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if message.startswith("argument "):
+            message = message[len("argument "):]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class StdoutError(CMNError):
+    """Standard output cannot be written (a full device, an I/O error)."""
+
+
+class _GuardedStdout:
+    """sys.stdout whose write errors name standard output (a closed pipe stays BrokenPipeError)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _call(self, name: str, *args):
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(f"standard output: cannot write ({e.strerror or e})") from None
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def user_errors(main: Main) -> Main:
     """Turn user-facing errors into one line on stderr and exit code 2."""
 
     @functools.wraps(main)
     def wrapper(argv: Optional[Sequence[str]] = None) -> int:
+        real = sys.stdout
+        sys.stdout = _GuardedStdout(real)  # type: ignore[assignment]
         try:
             code = main(argv)
             sys.stdout.flush()
             return code
         except CMNError as e:
+            if isinstance(e, StdoutError):
+                _quiet_stdout(real)
             _say(f"error: {e}")
             return 2
         except KeyboardInterrupt:
             _say("interrupted")
             return 130
         except BrokenPipeError:
-            _quiet_stdout()
+            _quiet_stdout(real)
             return 0  # `cmn-generate ... | head` is not an error
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) and _is_stdout_error():
-                _quiet_stdout()
-                _say(f"error: standard output: cannot write ({e.strerror})")
-                return 2
-            raise
+        finally:
+            sys.stdout = real
 
     return wrapper
 
@@ -58,21 +100,13 @@ def _say(line: str) -> None:
         pass
 
 
-def _is_stdout_error() -> bool:
-    try:
-        sys.stdout.flush()
-    except OSError:
-        return True
-    return False
-
-
-def _quiet_stdout() -> None:
+def _quiet_stdout(stream) -> None:
     # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail.
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
         os.close(devnull)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
 
 
@@ -144,5 +178,5 @@ def bounded(name: str) -> Callable[[str], float]:
     return _number(kind, lo, hi, lo_open, hi_open, what=describe_bounds(name))
 
 
-__all__ = ["bounded", "int_range", "nonneg_float", "nonneg_int", "positive_float", "positive_int", "probability",
+__all__ = ["ArgumentParser", "UsageError", "bounded", "int_range", "nonneg_float", "nonneg_int", "positive_float", "positive_int", "probability",
            "unit_interval_open", "user_errors"]

@@ -122,15 +122,19 @@ def folder_writer(path: PathLike, *, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+_FSYNC_EACH_UP_TO = 256  # files; above that one os.sync() (a prepared dataset holds thousands)
+
+
 def _flush_tree(folder: Path) -> None:
-    """Make a finished folder durable before it is renamed into place: one ``os.sync`` (a
-    prepared dataset holds thousands of files; fsync of each costs seconds), else per file."""
-    if hasattr(os, "sync"):
+    """Make a finished folder durable before it is renamed into place: fsync each file of a
+    small folder (a checkpoint: a few files; os.sync would wait for every other process's
+    writes too), one ``os.sync`` for a large one."""
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    if len(files) > _FSYNC_EACH_UP_TO and hasattr(os, "sync"):
         os.sync()
         return
-    for f in folder.rglob("*"):
-        if f.is_file():
-            fsync_path(f)
+    for f in files:
+        fsync_path(f)
 
 
 def remove_stale_temps(target: PathLike, *, older_than_s: float = 0.0) -> int:

@@ -424,6 +424,7 @@ def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str,
     baseline.update(_suffixed(score(full_refs, baseline_preds, clinical=run.clinical, scorer=scorer), "_full"))
     result = {
         "val": run.best_val, "test": test, "baseline_test": baseline, "best_epoch": run.best_epoch,
+        **_demo_findings(run, preds, baseline_preds),
         "epochs_run": epochs_run, "train_seconds": round(train_seconds, 1),
         "data": {**run.data_info, "ann_path": str(run.ann_path), "sizes": {k: len(v) for k, v in run.splits.items()}},
         "model": asdict(run.model_cfg), "train": asdict(run.train),
@@ -436,6 +437,19 @@ def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str,
     run.log(f"test BLEU-4 {test.get('BLEU_4', 0):.4f} (most-frequent-report baseline "
             f"{baseline.get('BLEU_4', 0):.4f}); wrote {run.out_dir / 'metrics.json'}")
     return result
+
+
+def _demo_findings(run: _Run, preds: dict[str, str], baseline: dict[str, str]) -> dict[str, Any]:
+    """On the built-in demo data the drawn truth is known: per-finding presence F1 and
+    laterality of the test reports (and of the baseline's)."""
+    if run.data.demo_size is None:
+        return {}
+    from cmn.data.demo import drawn_findings, score_findings
+
+    truth = drawn_findings(run.ann_path, "test")
+    ids = [k for k in preds if k in truth]
+    return {"demo_findings": score_findings([truth[k] for k in ids], [preds[k] for k in ids]),
+            "baseline_demo_findings": score_findings([truth[k] for k in ids], [baseline[k] for k in ids])}
 
 
 def _suffixed(scores: dict[str, float], suffix: str) -> dict[str, float]:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cmn.cliutil import positive_int, user_errors
+from cmn.cliutil import ArgumentParser, positive_int, user_errors
 from cmn.config import PRESETS
 from cmn.errors import ConfigError
 
@@ -14,7 +14,7 @@ _DATASETS = ("iu_xray", "mimic_cxr")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cmn-convert",
         description="Convert a checkpoint of another implementation into a cmn checkpoint bundle "
                     "(model.safetensors + config.json + tokenizer.json) for cmn-generate, cmn.load_checkpoint and "

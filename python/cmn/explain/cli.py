@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cmn.cliutil import nonneg_int, positive_int, user_errors
+from cmn.cliutil import ArgumentParser, nonneg_int, positive_int, user_errors
 from cmn.errors import CMNError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cmn-explain",
         description="Generate a report for each study and show, word by word, where the decoder looked and "
                     "which memory slots the words and image regions read. Studies are grouped like cmn-generate: "

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cmn.cliutil import positive_int, user_errors
+from cmn.cliutil import ArgumentParser, positive_int, user_errors
 from cmn.errors import DataError
 from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS
 
@@ -143,7 +143,7 @@ def measure(model, demo_root: Path, split: str = "test", *, report: str = "gener
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cmn.explain.localisation",
+    p = ArgumentParser(prog="python -m cmn.explain.localisation",
                                 description="Localisation rate of finding-word heatmaps on the built-in demo data.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder of a model trained on the demo data")
     p.add_argument("--demo-root", required=True, type=Path, help="demo data folder (holding demo-complete.json)")

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cmn.cliutil import positive_int, user_errors
+from cmn.cliutil import ArgumentParser, positive_int, user_errors
 from cmn.config import PRESETS
 from cmn.fsutil import write_atomic
 from cmn.errors import DataError
@@ -152,7 +152,7 @@ def format_table(scores: dict, ce: dict | None) -> str:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cmn-eval",
         description="Score predicted reports: BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical efficacy.",
     )
@@ -261,7 +261,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _label_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cmn-label",
         description="Label reports for the 14 CheXpert observations (offline, rule-based).",
     )

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cmn.cliutil import nonneg_int, user_errors
+from cmn.cliutil import ArgumentParser, nonneg_int, user_errors
 from cmn.errors import ConfigError
 from cmn.prepare import iu_xray, mimic_cxr, table
 from cmn.prepare.common import SECTIONS, check_output, print_lines
@@ -38,7 +38,7 @@ def _columns(text: str) -> tuple[str, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="cmn-prepare",
         description="Write an R2Gen annotation.json (and the image folder cmn-train reads) from the IU X-Ray "
                     "(Open-i) or MIMIC-CXR downloads, or from your own CSV table. Prints what was kept and "
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="source", required=True, metavar="{iu_xray,mimic_cxr,csv}")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--output", "-o", required=True, type=Path, metavar="DIR",
                         help="output folder: annotation.json, images/, dropped.tsv")
     common.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -55,11 +55,11 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--strict", action="store_true",
                         help="stop at the first unreadable report or missing image instead of skipping it")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
-    splitting = argparse.ArgumentParser(add_help=False)
+    splitting = ArgumentParser(add_help=False)
     splitting.add_argument("--seed", type=nonneg_int(), default=0, help="seed of the drawn split (default 0)")
     splitting.add_argument("--split-fractions", type=_fraction, nargs=3, default=[0.7, 0.1, 0.2],
                            metavar=("TRAIN", "VAL", "TEST"), help="fractions of the drawn split (default 0.7 0.1 0.2)")
-    sections = argparse.ArgumentParser(add_help=False)
+    sections = ArgumentParser(add_help=False)
     sections.add_argument("--section", choices=SECTIONS, default="findings",
                           help="report text: findings (default, as published), impression, or both")
     sections.add_argument("--impression-fallback", action="store_true",

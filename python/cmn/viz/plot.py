@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cmn.cliutil import user_errors
+from cmn.cliutil import ArgumentParser, user_errors
 from cmn.errors import CMNError, DataError
 
 NLG_KEYS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L")
@@ -119,7 +119,7 @@ def plot_run(records: list[dict], out_dir: Path, title: str = "") -> list[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cmn-plot", description="Plot a training run's curves (from RUN_DIR/log.jsonl) as PNG.")
+    p = ArgumentParser(prog="cmn-plot", description="Plot a training run's curves (from RUN_DIR/log.jsonl) as PNG.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a cmn-train output folder")
     p.add_argument("--output", type=Path, help="folder for the PNG files (default: RUN_DIR/plots)")
     return p
