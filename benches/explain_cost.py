@@ -31,9 +31,10 @@ def main(argv=None) -> int:
     from cmn.explain.html import render_page
     from cmn.inference import load_study
 
-    model = cmn.load_checkpoint(args.checkpoint)
+    bundle = cmn.load_checkpoint(args.checkpoint)
+    model = bundle.model
     entries = json.loads((args.demo_root / "annotation.json").read_text())["test"][: args.studies]
-    loaded = [load_study(model, [args.demo_root / "images" / q for q in e["image_path"]]) for e in entries]
+    loaded = [load_study(bundle, [args.demo_root / "images" / q for q in e["image_path"]]) for e in entries]
     gen, exp, explanations = [], [], []
     with torch.inference_mode():
         for tensor, pictures in loaded:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
                 model.generate(tensor[None], beam_size=args.beam_size)
                 gen.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                e = explain_study(model, tensor, beam_size=args.beam_size)
+                e = explain_study(bundle, tensor, beam_size=args.beam_size)
                 exp.append(time.perf_counter() - t)
             explanations.append(e)
     t = time.perf_counter()

@@ -31,10 +31,11 @@ def test_round_trip_gives_identical_logits(bundle):
     loaded = load_checkpoint(path)
     images, targets = inputs(vocab=len(tok))
     with torch.no_grad():
-        assert torch.equal(model(images, targets), loaded(images, targets))
-    assert not loaded.training
+        assert torch.equal(model(images, targets), loaded.model(images, targets))
+    assert not loaded.model.training
     assert loaded.tokenizer.encode(REPORTS[0]) == tok.encode(REPORTS[0])
-    assert loaded.data_info == DATA_INFO and loaded.meta == {"epoch": 3}
+    assert loaded.data == DATA_INFO and loaded.meta == {"epoch": 3}
+    assert loaded.config == model.cfg and loaded.num_views == DATA_INFO["num_views"] and loaded.path == path
 
 
 def test_loading_needs_no_annotation_file(bundle, tmp_path):

@@ -54,20 +54,20 @@ def test_input_files_are_the_reference_format():
 def _test_inputs(dataset, converted):
     """The test split through cmn's eval transform, and the reference's targets."""
     bundle, images, ann, _ = converted[dataset]
-    model = load_checkpoint(bundle)
-    tf = build_transform(int(model.data_info["image_size"]), train=False)
+    loaded = load_checkpoint(bundle)
+    tf = build_transform(loaded.image_size, train=False)
     batch = torch.stack([torch.stack([tf(load_image(images / p)) for p in e["image_path"]]) for e in ann["test"]])
-    return model, batch  # (B, V, 3, 224, 224)
+    return loaded, batch  # (B, V, 3, 224, 224)
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_vocabulary_and_targets_match_the_reference(dataset, converted):
     record, tensors = reference(dataset)
-    model, _ = _test_inputs(dataset, converted)
+    loaded, _ = _test_inputs(dataset, converted)
     ann = converted[dataset][2]
-    assert len(model.tokenizer) == record["vocab_size"]
+    assert len(loaded.tokenizer) == record["vocab_size"]
     L = SETTINGS[dataset]["max_seq_length"]
-    ours = torch.from_numpy(model.tokenizer.encode_batch([e["report"] for e in ann["test"]], L))
+    ours = torch.from_numpy(loaded.tokenizer.encode_batch([e["report"] for e in ann["test"]], L))
     theirs = tensors["targets"]
     assert torch.equal(ours[:, : theirs.shape[1]], theirs) and not ours[:, theirs.shape[1]:].any()
 
@@ -76,7 +76,8 @@ def test_vocabulary_and_targets_match_the_reference(dataset, converted):
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 def test_teacher_forced_logprobs_equal_the_reference(dataset, dtype, bound, converted):
     record, tensors = reference(dataset)
-    model, images = _test_inputs(dataset, converted)
+    loaded, images = _test_inputs(dataset, converted)
+    model = loaded.model
     targets = tensors["targets"]  # (B, T)
     want = tensors["logprobs_fp32" if dtype == torch.float32 else "logprobs_fp64"]  # (B, T-1, V)
     model = model.to(dtype)
@@ -92,10 +93,10 @@ def test_teacher_forced_logprobs_equal_the_reference(dataset, dtype, bound, conv
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_reference_beam_search_is_token_for_token(dataset, converted):
     record, _ = reference(dataset)
-    model, images = _test_inputs(dataset, converted)
-    got = model.generate(images, beam_size=3, decode="reference")
+    loaded, images = _test_inputs(dataset, converted)
+    got = loaded.model.generate(images, beam_size=3, decode="reference")
     assert got == record["beam3_ids"]
-    assert [model.tokenizer.decode(s) for s in got] == record["beam3_reports"]
+    assert [loaded.tokenizer.decode(s) for s in got] == record["beam3_reports"]
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -116,7 +117,7 @@ def test_optimizer_state_follows_the_parameters(converted):
     bundle, _, _, pth = converted["iu_xray"]
     ref = read_reference_checkpoint(pth)
     saved = load_state_tree(bundle, "optimizer")
-    model = load_checkpoint(bundle)
+    model = load_checkpoint(bundle).model
     cmn_names = [n for n, _ in model.visual.named_parameters(prefix="visual")]
     cmn_names += [n for n, _ in model.named_parameters() if not n.startswith("visual.")]
     names = name_map(ref.state, model.cfg.num_layers)
@@ -147,7 +148,7 @@ def test_init_from_a_converted_bundle_trains(converted, tmp_path):
                        "--output-dir", str(out), "--no-progress", "--quiet", "--eval-max-batches", "1"])
     assert code == 0
     tuned = load_checkpoint(out / "last")
-    assert tuned.cfg.d_model == 32 and len(tuned.tokenizer) == len(load_checkpoint(bundle).tokenizer)
+    assert tuned.config.d_model == 32 and len(tuned.tokenizer) == len(load_checkpoint(bundle).tokenizer)
 
 
 def test_init_from_refuses_another_architecture(converted, capsys, tmp_path):

@@ -87,7 +87,7 @@ def test_explanation_arrays(any_model, demo):
     e = explain_study(model, demo_views(demo), study_id="s0")
     assert e.report == generate_reports(model, [demo_views(demo)])[0]
     T, V = len(e.words), 2
-    Y = model.cfg.num_layers
+    Y = model.config.num_layers
     assert T > 0 and e.report == " ".join(e.words)
     assert e.cross_attention.shape == (Y, T, V, 2, 2)
     # each layer's map of each word is a distribution over all patches of all views
@@ -95,15 +95,15 @@ def test_explanation_arrays(any_model, demo):
     np.testing.assert_allclose(e.attention([0, T - 1]).sum(), 1.0, atol=1e-5)
     assert [im.shape for im in e.images] == [(64, 64, 3)] * 2
     assert e.labels.shape == (14,)
-    if model.cfg.variant == "base":
+    if model.config.variant == "base":
         assert e.word_slots is None and e.patch_slots is None
         return
-    H, K, N = model.cfg.num_heads, model.cfg.topk, model.cfg.memory_size
+    H, K, N = model.config.num_heads, model.config.topk, model.config.memory_size
     assert e.patch_slots.shape == e.patch_slot_weights.shape == (V, 2, 2, H, K)
     assert e.word_slots.shape == e.word_slot_weights.shape == (T, H, K)
     assert 0 <= e.word_slots.min() and e.word_slots.max() < N
     np.testing.assert_allclose(e.patch_slot_weights.sum(-1), 1.0, atol=1e-5)
-    if model.cfg.variant == "mem":
+    if model.config.variant == "mem":
         assert not e.shared_memory
         with pytest.raises(ValueError, match="one memory"):
             e.overlap(0)
@@ -158,9 +158,9 @@ def test_explain_from_a_tensor_matches_paths(model, demo):
 
 
 def test_model_mode_is_restored(model, demo):
-    model.train()
+    model.model.train()
     try:
         explain_study(model, demo_views(demo))
-        assert model.training
+        assert model.model.training
     finally:
-        model.eval()
+        model.model.eval()

@@ -71,8 +71,7 @@ def test_tiny_training_run_writes_metrics_and_checkpoints(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     assert log[1]["lr_ed"] == pytest.approx(1e-3 * 0.25)  # StepLR every epoch, gamma 0.5
-    model = load_checkpoint(out / "checkpoint")
-    assert model.meta["epoch"] == metrics["best_epoch"]
+    assert load_checkpoint(out / "checkpoint").meta["epoch"] == metrics["best_epoch"]
     preds = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and all(p["reference"] for p in preds)
 

@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 
 def load_checkpoint(path, device=None):
-    """Load a checkpoint bundle written by ``cmn-train``; see :func:`cmn.checkpoint.load_checkpoint`."""
+    """Load a checkpoint bundle (``cmn-train``, ``cmn-convert``) as a :class:`cmn.checkpoint.Bundle`:
+    ``.model``, ``.tokenizer``, ``.data``, ``.meta``; see :func:`cmn.checkpoint.load_checkpoint`."""
     from cmn.checkpoint import load_checkpoint as _load
 
     return _load(path, device=device)

@@ -26,14 +26,19 @@ import json
 import math
 import re
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from cmn.config import CLEAN_RULES, ModelConfig, describe_bounds, in_bounds
 from cmn.errors import CheckpointError, CMNError, ConfigError
 from cmn.fsutil import folder_writer
+
+if TYPE_CHECKING:
+    from cmn.model.cmn import CMN
+    from cmn.text import Tokenizer
 
 FORMAT = "cmn-checkpoint"
 FORMAT_VERSION = 1
@@ -218,12 +223,51 @@ def data_info_of(config: dict[str, Any], model_cfg: ModelConfig, path: PathLike)
     return dict(data)
 
 
-def load_checkpoint(path: PathLike, device: Optional[Union[str, torch.device]] = None):
-    """Load a bundle: returns the model in eval mode, ready for ``model.generate(images)``.
+@dataclass
+class Bundle:
+    """A loaded checkpoint: the model (eval mode), its vocabulary, and what it was trained on.
 
-    The model carries ``model.tokenizer`` (a :class:`cmn.text.Tokenizer`) and
-    ``model.data_info`` (image size, views, cleaning rule) for turning images into reports;
-    see :func:`cmn.inference.generate_reports`.
+    ``data`` holds what turning images into model inputs needs (``image_size``, ``num_views``,
+    ``max_seq_length``, ``clean_rule``, ``dataset``); ``meta`` what the writer recorded
+    (epoch, validation scores, conversion source); ``path`` the bundle folder it came from.
+    """
+
+    model: "CMN"
+    tokenizer: "Tokenizer"
+    data: dict[str, Any]
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def num_views(self) -> int:
+        return int(self.data["num_views"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data["image_size"])
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.data.get("max_seq_length", self.model.cfg.max_seq_length))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: Union[str, torch.device]) -> "Bundle":
+        self.model.to(device)
+        return self
+
+
+def load_checkpoint(path: PathLike, device: Optional[Union[str, torch.device]] = None) -> Bundle:
+    """Load a bundle (see the module docstring) into a :class:`Bundle`, model in eval mode.
+
+    ``bundle.model.generate(images)`` gives token ids; :func:`cmn.inference.generate_reports`
+    turns image files into report text.
     """
     from cmn.model import build_model
 
@@ -237,12 +281,11 @@ def load_checkpoint(path: PathLike, device: Optional[Union[str, torch.device]] =
         )
     model = build_model(model_cfg)
     load_state_into(model, path)
-    model.tokenizer = tokenizer
-    model.data_info = data_info
-    model.meta = dict(config.get("meta", {}))
     if device is not None:
         model.to(device)
-    return model.eval()
+    meta = config.get("meta", {})
+    return Bundle(model.eval(), tokenizer, data_info, dict(meta) if isinstance(meta, dict) else {},
+                  resolve_bundle(path))
 
 
 # ---- trainer state without pickle ------------------------------------------------------------

@@ -239,16 +239,16 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         raise CMNError("--decode reference needs --beam-size >= 2 and no --block-ngram (the reference samples at "
                        "random with beam 1, and its trigram blocking does nothing with beams)")
     device = select_device(args.device)
-    model = load_checkpoint(args.checkpoint, device=device)
-    num_views = int(model.data_info["num_views"])
+    bundle = load_checkpoint(args.checkpoint, device=device)
+    num_views = bundle.num_views
     studies: list = []
     if args.images or args.list_file or args.annotation is None:
         studies = collect_studies(args.images, args.list_file, num_views)
     references: dict[str, dict[str, str]] = {}
     if args.annotation is not None:
-        found, references = _annotation_studies(args.annotation, args.image_dir, args.split, model, num_views)
+        found, references = _annotation_studies(args.annotation, args.image_dir, args.split, bundle)
         studies.extend(found)
-    reports = generate_reports(model, [views for _, views in studies], beam_size=args.beam_size,
+    reports = generate_reports(bundle, [views for _, views in studies], beam_size=args.beam_size,
                                block_ngram=args.block_ngram, batch_size=args.batch_size, device=device,
                                max_len=args.max_len, decode=args.decode)
     for (sid, views), report in zip(studies, reports):
@@ -262,7 +262,7 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _annotation_studies(ann: Path, image_dir: Optional[Path], split: str, model: Any, num_views: int):
+def _annotation_studies(ann: Path, image_dir: Optional[Path], split: str, bundle: Any):
     """Studies of one annotation split, and per id the references as cmn-train scores them:
     ``reference`` (cut to the model's max_seq_length, through its vocabulary) and
     ``reference_full`` (the whole cleaned report)."""
@@ -272,8 +272,7 @@ def _annotation_studies(ann: Path, image_dir: Optional[Path], split: str, model:
     if image_dir is None:
         raise ConfigError("--annotation needs --image-dir (the folder its image paths are relative to)")
     entries = load_annotation(ann, (split,))[split]
-    tok = model.tokenizer
-    max_len = int(model.data_info.get("max_seq_length", model.cfg.max_seq_length))
+    tok, max_len, num_views = bundle.tokenizer, bundle.max_seq_length, bundle.num_views
     studies, refs = [], {}
     cut = tok.encode_batch([e.report for e in entries], max_len)  # (n, L)
     for e, row, full in zip(entries, cut, clean_reports([e.report for e in entries], tok.dataset)):

@@ -7,7 +7,11 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from typing import TYPE_CHECKING
 from cmn.errors import DataError
+
+if TYPE_CHECKING:
+    from cmn.checkpoint import Bundle
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PathLike = Union[str, Path]
@@ -92,13 +96,12 @@ def collect_studies(inputs: Sequence[PathLike], list_file: Optional[PathLike],
     return studies
 
 
-def load_study(model: torch.nn.Module, views: Sequence[PathLike]) -> tuple[torch.Tensor, list]:
+def load_study(bundle: "Bundle", views: Sequence[PathLike]) -> tuple[torch.Tensor, list]:
     """One study's image files (or PIL images) -> the model's input (V, 3, S, S) float32 and the decoded
-    RGB PIL images. ``model`` carries ``data_info`` (from :func:`cmn.load_checkpoint`)."""
+    RGB PIL images, with the image settings of ``bundle`` (from :func:`cmn.load_checkpoint`)."""
     from cmn.data.images import build_transform, load_image
 
-    info = model.data_info
-    num_views, image_size = int(info["num_views"]), int(info["image_size"])
+    num_views, image_size = bundle.num_views, bundle.image_size
     if len(views) != num_views:
         raise DataError(f"study {list(map(str, views))}: this model reads {num_views} view(s), got {len(views)}")
     transform = build_transform(image_size, train=False)
@@ -108,7 +111,7 @@ def load_study(model: torch.nn.Module, views: Sequence[PathLike]) -> tuple[torch
 
 @torch.no_grad()
 def generate_reports(
-    model: torch.nn.Module,
+    bundle: "Bundle",
     studies: Sequence[Sequence[PathLike]],
     *,
     beam_size: int = 3,
@@ -120,13 +123,13 @@ def generate_reports(
 ) -> list[str]:
     """One report per study; each study is a list of image paths (``num_views`` of them).
 
-    ``model`` comes from :func:`cmn.load_checkpoint` (it carries its tokenizer and image settings).
+    ``bundle`` comes from :func:`cmn.load_checkpoint` (model, tokenizer and image settings).
     """
-    device = device or next(model.parameters()).device
+    device = device or bundle.device
     reports: list[str] = []
     for start in range(0, len(studies), batch_size):
         chunk = studies[start : start + batch_size]
-        images = torch.stack([load_study(model, views)[0] for views in chunk]).to(device)  # (B, V, 3, S, S)
-        seqs = model.generate(images, beam_size=beam_size, block_ngram=block_ngram, max_len=max_len, decode=decode)
-        reports.extend(model.tokenizer.decode(list(s)) for s in seqs)
+        images = torch.stack([load_study(bundle, views)[0] for views in chunk]).to(device)  # (B, V, 3, S, S)
+        seqs = bundle.model.generate(images, beam_size=beam_size, block_ngram=block_ngram, max_len=max_len, decode=decode)
+        reports.extend(bundle.tokenizer.decode(list(s)) for s in seqs)
     return reports

@@ -67,15 +67,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from cmn.viz.plot import require_matplotlib
 
         require_matplotlib()
-    model = load_checkpoint(args.checkpoint, device=device)
-    studies = collect_studies(args.images, args.list_file, int(model.data_info["num_views"]))
+    bundle = load_checkpoint(args.checkpoint, device=device)
+    studies = collect_studies(args.images, args.list_file, bundle.num_views)
 
     explanations = []
     for start in range(0, len(studies), args.batch_size):
         chunk = studies[start:start + args.batch_size]
-        loaded = [load_study(model, views) for _, views in chunk]
+        loaded = [load_study(bundle, views) for _, views in chunk]
         images = torch.stack([t for t, _ in loaded]).to(device)  # (B, V, 3, S, S)
-        explanations += explain_batch(model, images, display=[pics for _, pics in loaded],
+        explanations += explain_batch(bundle, images, display=[pics for _, pics in loaded],
                                       study_ids=[sid for sid, _ in chunk], beam_size=args.beam_size,
                                       block_ngram=args.block_ngram, max_len=args.max_len)
     files = [[str(v) for v in views] for _, views in studies]
@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from cmn.fsutil import write_atomic
 
         subtitle = (f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}; checkpoint {args.checkpoint} "
-                    f"(variant {model.cfg.variant}, {model.cfg.num_layers} decoder layers); beam {args.beam_size}")
+                    f"(variant {bundle.config.variant}, {bundle.config.num_layers} decoder layers); beam {args.beam_size}")
         write_atomic(args.output, render_page(explanations, files=files, title=args.title, subtitle=subtitle,
                                               image_px=args.image_px))
     else:

@@ -198,7 +198,7 @@ def entities_of(words: Sequence[str]) -> tuple[Entity, ...]:
 
 @torch.no_grad()
 def explain_batch(
-    model,
+    bundle,
     images: torch.Tensor,
     *,
     reports: Optional[Sequence[str]] = None,
@@ -211,8 +211,8 @@ def explain_batch(
     """Explain a batch of studies.
 
     Args:
-        model: from :func:`cmn.load_checkpoint` (carries ``tokenizer``); put in eval mode
-            for the call.
+        bundle: from :func:`cmn.load_checkpoint` (model and tokenizer); the model is put in
+            eval mode for the call.
         images: (B, V, 3, S, S) float32, the model's input (see :func:`cmn.inference.load_study`).
         reports: explain these reports (e.g. the references) instead of generating them; words
             outside the vocabulary become ``<unk>``.
@@ -221,7 +221,7 @@ def explain_batch(
         beam_size, block_ngram, max_len: as :meth:`cmn.model.CMN.generate`.
     """
     B = images.shape[0]
-    tok = model.tokenizer
+    model, tok = bundle.model, bundle.tokenizer
     was_training = model.training
     model.eval()
     try:
@@ -282,7 +282,7 @@ def explain_batch(
     return out
 
 
-def explain_study(model, images, *, report: Optional[str] = None, study_id: str = "0", **kwargs) -> Explanation:
+def explain_study(bundle, images, *, report: Optional[str] = None, study_id: str = "0", **kwargs) -> Explanation:
     """Explain one study.
 
     ``images``: the study's V image files (paths) or PIL images, or the model's input tensor
@@ -294,7 +294,6 @@ def explain_study(model, images, *, report: Optional[str] = None, study_id: str 
     else:
         from cmn.inference import load_study
 
-        tensor, display = load_study(model, list(images))
-    device = next(model.parameters()).device
-    return explain_batch(model, tensor.unsqueeze(0).to(device), reports=None if report is None else [report],
+        tensor, display = load_study(bundle, list(images))
+    return explain_batch(bundle, tensor.unsqueeze(0).to(bundle.device), reports=None if report is None else [report],
                          display=None if display is None else [display], study_ids=[study_id], **kwargs)[0]

@@ -115,7 +115,7 @@ def score_study(e, regions: dict[str, tuple[np.ndarray, ...]], tally: Tally) -> 
         tally.add(finding, hits, float(region.mean()))
 
 
-def measure(model, demo_root: Path, split: str = "test", *, report: str = "generated", limit: Optional[int] = None,
+def measure(bundle, demo_root: Path, split: str = "test", *, report: str = "generated", limit: Optional[int] = None,
             batch_size: int = 8, beam_size: int = 3) -> Tally:
     """Explain the studies of ``split`` under ``demo_root`` and tally the hits (see module docstring)."""
     import torch
@@ -130,14 +130,14 @@ def measure(model, demo_root: Path, split: str = "test", *, report: str = "gener
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{demo_root / 'annotation.json'}: no split {split!r} ({e})") from None
     entries = entries[:limit] if limit else entries
-    device = next(model.parameters()).device
+    device = bundle.device
     tally = Tally()
     for start in range(0, len(entries), batch_size):
         chunk = entries[start:start + batch_size]
-        images = torch.stack([load_study(model, [demo_root / "images" / p for p in en["image_path"]])[0]
+        images = torch.stack([load_study(bundle, [demo_root / "images" / p for p in en["image_path"]])[0]
                               for en in chunk]).to(device)  # (B, V, 3, S, S)
         refs = [en["report"] for en in chunk] if report == "reference" else None
-        for k, e in enumerate(explain_batch(model, images, reports=refs, beam_size=beam_size)):
+        for k, e in enumerate(explain_batch(bundle, images, reports=refs, beam_size=beam_size)):
             score_study(e, finding_regions(params, split, start + k), tally)
     return tally
 
@@ -163,8 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cmn.checkpoint import load_checkpoint
     from cmn.runtime import select_device
 
-    model = load_checkpoint(args.checkpoint, device=select_device(args.device))
-    tally = measure(model, args.demo_root, args.split, report=args.report, limit=args.limit,
+    bundle = load_checkpoint(args.checkpoint, device=select_device(args.device))
+    tally = measure(bundle, args.demo_root, args.split, report=args.report, limit=args.limit,
                     batch_size=args.batch_size, beam_size=args.beam_size)
     result = {"split": args.split, "report": args.report, **tally.summary(),
               "by_finding": {k: v.summary() for k, v in sorted(tally.by_finding.items())}}
