@@ -1,7 +1,12 @@
 """cmn: Cross-modal Memory Networks for radiology report generation."""
 from cmn.errors import CheckpointError, CMNError, ConfigError, DataError
 
-__version__ = "0.1.0"
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("cmn")  # one source: Cargo.toml's version, through maturin
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
+    __version__ = "0+unknown"
 
 
 def load_checkpoint(path, device=None):
