@@ -15,7 +15,7 @@ from cmn.errors import ConfigError
 MODEL_VARIANTS = ("cmn", "mem", "base")
 VISUAL_EXTRACTORS = {"resnet101": 2048, "resnet50": 2048, "resnet18": 512}  # name -> channels of the last conv layer
 DATASETS = ("demo", "iu_xray", "mimic_cxr")
-MEMORY_IMPLS = ("auto", "naive", "torch", "triton")
+MEMORY_IMPLS = ("auto", "naive", "torch", "cpu", "triton")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -36,7 +36,7 @@ class ModelConfig:
     memory_size: int = 2048  # N memory slots
     topk: int = 32  # K memory slots each query keeps
     max_seq_length: int = 60  # generated tokens at most (BOS excluded)
-    memory_impl: str = "auto"  # memory_query implementation: auto | naive | torch | triton
+    memory_impl: str = "auto"  # memory_query implementation: auto | naive | torch | cpu | triton
 
     @property
     def d_vf(self) -> int:
