@@ -227,3 +227,27 @@ def test_mixed_dtypes_raise_a_config_error():
     q, k = torch.zeros(1, 1, 2, 4), torch.zeros(1, 8, 4, dtype=torch.float64)
     with pytest.raises(ConfigError, match="dtype"):
         memory_query(q, k, k, 4)
+
+
+def _query_in_child(conn):
+    leaves, grad_out = make_leaves(1, 2, 6, 50, 8, seed=21)
+    conn.send(run(leaves, grad_out, 8, "cpu", torch.float32)["out"].tolist())  # plain data: no shared storage
+
+
+def test_cpu_path_runs_in_a_forked_child():
+    # the parent's rayon threads do not survive fork: a child (a data-loader worker, say)
+    # must start its own instead of waiting forever on threads that are not there
+    import multiprocessing
+
+    leaves, grad_out = make_leaves(1, 2, 6, 50, 8, seed=21)
+    here = run(leaves, grad_out, 8, "cpu", torch.float32)["out"]  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    child = ctx.Process(target=_query_in_child, args=(child_end,))
+    child.start()
+    got = parent_end.recv() if parent_end.poll(120) else None
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+    assert got is not None, "the forked child hung"
+    assert torch.equal(torch.tensor(got, dtype=here.dtype), here)

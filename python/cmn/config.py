@@ -122,6 +122,7 @@ class TrainConfig:
     trust_pickled_state: bool = False  # --resume may read a cmn 0.1 trainer_state.pt (weights_only, no code runs)
     visual_weights: Optional[str] = "imagenet"  # imagenet | PATH to a state dict | None (random init)
     checkpoint_visual: bool = False  # recompute the CNN's block activations in the backward (less memory)
+    low_memory: bool = False  # = precision bf16 + checkpoint_visual: a training step's peak about 1/4 of the reference's
     freeze_bn: bool = False  # BatchNorm on running statistics (small per-GPU batches, exact DDP equivalence)
     sync_bn: bool = True  # under torchrun on CUDA, SyncBatchNorm so batch statistics span all ranks
     eval_max_batches: Optional[int] = None  # cap validation/test batches (smoke tests)

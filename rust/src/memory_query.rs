@@ -1198,13 +1198,21 @@ fn group_backward<T: Real>(input: GroupIn<'_, T>, grads: Grads<'_, T>) {
 /// Runs `f` on a rayon pool of `threads` threads (0: rayon's default), built once per
 /// thread count and kept: callers pass torch's intra-op thread count, so one setting
 /// (`torch.set_num_threads`) sizes both, and as the two never run at the same time,
-/// no more threads than that are busy.
+/// no more threads than that are busy. A forked child (a data-loader worker, say) does
+/// not inherit the parent's pool threads, so it builds its own.
 pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
-    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    type Pools = Vec<(u32, usize, Arc<rayon::ThreadPool>)>;
+    static POOLS: Mutex<Pools> = Mutex::new(Vec::new());
+    let pid = std::process::id();
     let pool = {
         let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-        match pools.iter().find(|(n, _)| *n == threads) {
-            Some((_, pool)) => pool.clone(),
+        if pools.iter().any(|(owner, _, _)| *owner != pid) {
+            // pools of the parent process: their threads are not here; never drop them
+            // (that would signal threads that do not exist), just forget them
+            std::mem::forget(std::mem::take(&mut *pools));
+        }
+        match pools.iter().find(|(_, n, _)| *n == threads) {
+            Some((_, _, pool)) => pool.clone(),
             None => {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -1212,7 +1220,7 @@ pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Re
                     .build()
                     .map_err(|e| invalid!("memory query: cannot start {threads} threads: {e}"))?;
                 let pool = Arc::new(pool);
-                pools.push((threads, pool.clone()));
+                pools.push((pid, threads, pool.clone()));
                 pool
             }
         }
