@@ -8,9 +8,9 @@ benchmarks are enabled.
     CMN_BENCH_FULL=1 python -m pytest benches/bench_memory_query.py --benchmark-enable \\
         --benchmark-group-by=group                                     # the full grid
     python benches/run_gpu_suite.py --output benches/RESULTS-gpu.md     # the grid as a table
-    python -m pytest benches/bench_memory_query.py --benchmark-enable --benchmark-group-by=group \
-        -k "N=2048 and K=32 and L=98 and B=16" --benchmark-columns=min,median,rounds
-                                                 # with CMN_BENCH_FULL=1: the paper's sizes only
+    CMN_BENCH_FULL=1 python -m pytest benches/bench_memory_query.py --benchmark-enable \\
+        --benchmark-group-by=group -k "16 and 98 and 2048 and 32" \\
+        --benchmark-columns=min,median,rounds    # the paper's sizes only (B=16 L=98 N=2048 K=32)
     python benches/mq_cases.py compare 5              # paper sizes, interleaved, with the limit
 
 The full grid is B in {1, 16}, L in {60, 98}, N in {512, 2048, 8192, 65536}, K in

@@ -388,12 +388,13 @@ fn lower_bound<T: Real>(
     if topk > width || scores.len() < width {
         return T::NAN;
     }
-    // lanes in registers, 16 at a time, each the max over every width-th score
-    for (g, lanes) in lanes.chunks_exact_mut(16).enumerate() {
-        let mut max: [T; 16] = scores[g * 16..g * 16 + 16].try_into().expect("16 scores");
+    // lanes in registers, 64 at a time (independent max chains), each the max over every
+    // width-th score
+    for (g, lanes) in lanes.chunks_exact_mut(64).enumerate() {
+        let mut max: [T; 64] = scores[g * 64..g * 64 + 64].try_into().expect("64 scores");
         for chunk in scores[width..].chunks_exact(width) {
-            let chunk: &[T; 16] = chunk[g * 16..g * 16 + 16].try_into().expect("16 scores");
-            for l in 0..16 {
+            let chunk: &[T; 64] = chunk[g * 64..g * 64 + 64].try_into().expect("64 scores");
+            for l in 0..64 {
                 max[l] = if chunk[l] > max[l] { chunk[l] } else { max[l] };
             }
         }
@@ -407,10 +408,11 @@ fn lower_bound<T: Real>(
 
 /// The K best entries of a finished row, best first.
 fn finish_row<P: Copy + Ord>(row: &mut RowTopK<P>, topk: usize) -> &[P] {
-    if row.buf.len() > topk {
-        row.shrink(topk);
+    if row.buf.len() > 2 * topk {
+        row.shrink(topk); // a linear selection first pays off on a long buffer only
     }
     row.buf.sort_unstable_by(|a, b| b.cmp(a)); // entries are distinct (slots differ)
+    row.buf.truncate(topk);
     &row.buf
 }
 
@@ -830,13 +832,33 @@ fn pack_queries<T: Real>(q: &[T], dim: usize, mr: usize, out: &mut [T]) {
     }
 }
 
-/// `out = sum_j w[j] * rows[idx[j]]`, each row of length `out.len()`.
+/// `out = sum_j w[j] * rows[idx[j]]` (j ascending), each row of length `out.len()`.
+/// Columns are summed in registers, 64 (four vectors of f32) at a time: the K row reads
+/// are independent loads and the four sums independent chains, instead of a chain of
+/// read-modify-writes of `out`.
 #[inline(always)]
 fn weighted_rows<T: Real>(out: &mut [T], weights: &[T], idx: &[i64], rows: &[T]) {
+    const COLS: usize = 64;
     let dim = out.len();
-    out.fill(T::ZERO);
-    for (&w, &i) in weights.iter().zip(idx) {
-        axpy(out, w, &rows[i as usize * dim..][..dim]);
+    let mut blocks = out.chunks_exact_mut(COLS);
+    for (b, block) in (&mut blocks).enumerate() {
+        let mut acc = [T::ZERO; COLS];
+        for (&w, &i) in weights.iter().zip(idx) {
+            let row: &[T; COLS] = rows[i as usize * dim + b * COLS..][..COLS]
+                .try_into()
+                .expect("COLS values");
+            for c in 0..COLS {
+                acc[c] += w * row[c];
+            }
+        }
+        block.copy_from_slice(&acc);
+    }
+    let done = dim - blocks.into_remainder().len();
+    for c in done..dim {
+        out[c] = weights
+            .iter()
+            .zip(idx)
+            .fold(T::ZERO, |s, (&w, &i)| s + w * rows[i as usize * dim + c]);
     }
 }
 
@@ -955,7 +977,7 @@ pub fn forward<T: KernelReal>(
         ld,
         rows: (0..block_rows).map(|_| RowTopK::new(topk)).collect(),
         thresholds: vec![T::NAN; block_rows],
-        lanes: vec![T::ZERO; (2 * topk).next_multiple_of(16)], // a multiple of 16
+        lanes: vec![T::ZERO; (2 * topk).next_multiple_of(64)], // a multiple of 64
         keys: Vec::new(),
         raw: vec![T::ZERO; topk],
         weights: vec![T::ZERO; topk],
@@ -1162,7 +1184,7 @@ fn group_backward<T: Real>(input: GroupIn<'_, T>, grads: Grads<'_, T>) {
     let Grads { dq, dk, dv } = grads;
     dk.fill(T::ZERO);
     dv.fill(T::ZERO);
-    let mut d_probs = vec![T::ZERO; topk];
+    let (mut d_probs, mut d_scores) = (vec![T::ZERO; topk], vec![T::ZERO; topk]);
     let rows = q.len() / dim;
     for r in 0..rows {
         let sel = r * topk..(r + 1) * topk;
@@ -1184,13 +1206,14 @@ fn group_backward<T: Real>(input: GroupIn<'_, T>, grads: Grads<'_, T>) {
         for j in 0..topk {
             inner += p[j] * d_probs[j];
         }
-        let dq_row = &mut dq[r * dim..(r + 1) * dim];
-        dq_row.fill(T::ZERO);
         for j in 0..topk {
-            let d_score = p[j] * (d_probs[j] - inner) / scale;
+            d_scores[j] = p[j] * (d_probs[j] - inner) / scale;
+        }
+        // scores = q k[idx]^T: dq = sum_j ds_j k[idx_j], dk[idx_j] += ds_j q
+        weighted_rows(&mut dq[r * dim..(r + 1) * dim], &d_scores, slots, k);
+        for j in 0..topk {
             let row = slots[j] as usize * dim..(slots[j] as usize + 1) * dim;
-            axpy(dq_row, d_score, &k[row.clone()]);
-            axpy(&mut dk[row], d_score, q_row);
+            axpy(&mut dk[row], d_scores[j], q_row);
         }
     }
 }
