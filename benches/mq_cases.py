@@ -6,7 +6,7 @@ command, markdown table). Also a script:
 * ``python benches/mq_cases.py IMPL MODE B L N K`` runs one case once in this fresh process
   and prints its peak-RSS growth in bytes, which is how CPU peak memory is measured (RSS
   only grows, so each case needs its own process);
-* ``python benches/mq_cases.py compare [ROUNDS]`` times naive, torch and cpu side by side
+* ``python benches/mq_cases.py compare [ROUNDS [THREADS]]`` times naive, torch and cpu side by side
   at the paper's sizes on CPU, interleaved (one call of each per round, so a change of
   machine load hits all alike), and prints the best and median per implementation and
   mode and the speed-ups over naive, plus this machine's GEMM rate and memory bandwidth
@@ -166,6 +166,8 @@ def machine_limit(case=PAPER, reps=5):
 
 def _compare_main(argv):
     rounds = int(argv[0]) if argv else 5
+    if len(argv) > 1:
+        torch.set_num_threads(int(argv[1]))  # also sizes the cpu kernels' pool
     cpu = torch.device("cpu")
     inputs = make_inputs(PAPER, cpu)
     print(f"paper sizes {shape_name(PAPER)} H={HEADS} d={HEAD_DIM} fp32, {torch.get_num_threads()} threads, "
