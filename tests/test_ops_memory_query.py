@@ -234,6 +234,8 @@ def _query_in_child(conn):
     conn.send(run(leaves, grad_out, 8, "cpu", torch.float32)["out"].tolist())  # plain data: no shared storage
 
 
+# forking a process that has threads is the point here (Python >= 3.12 warns about it)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_cpu_path_runs_in_a_forked_child():
     # the parent's rayon threads do not survive fork: a child (a data-loader worker, say)
     # must start its own instead of waiting forever on threads that are not there
