@@ -1,4 +1,4 @@
-"""memory_query: naive (the reference ops) vs the torch path vs the fused triton kernel.
+"""memory_query: naive (the reference ops) vs the torch path vs the fused kernels (cpu or triton).
 
 Each shape and mode is one pytest-benchmark group holding every implementation. Peak memory
 (CPU: RSS growth in a fresh process; CUDA: max allocated) goes to ``extra_info`` when
@@ -8,6 +8,10 @@ benchmarks are enabled.
     CMN_BENCH_FULL=1 python -m pytest benches/bench_memory_query.py --benchmark-enable \\
         --benchmark-group-by=group                                     # the full grid
     python benches/run_gpu_suite.py --output benches/RESULTS-gpu.md     # the grid as a table
+    CMN_BENCH_FULL=1 python -m pytest benches/bench_memory_query.py --benchmark-enable \\
+        --benchmark-group-by=group -k "16 and 98 and 2048 and 32" \\
+        --benchmark-columns=min,median,rounds    # the paper's sizes only (B=16 L=98 N=2048 K=32)
+    python benches/mq_cases.py compare 5              # paper sizes, interleaved, with the limit
 
 The full grid is B in {1, 16}, L in {60, 98}, N in {512, 2048, 8192, 65536}, K in
 {8, 32, 128}, H = 8, d = 64, fp32. Naive cases that cannot fit are skipped with the reason.
@@ -20,7 +24,7 @@ import torch
 import mq_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-IMPLS = ["naive", "torch"] + (["triton"] if DEVICE.type == "cuda" else [])
+IMPLS = ["naive", "torch"] + (["triton"] if DEVICE.type == "cuda" else ["cpu"])
 CASES = mq_cases.grid(full=os.environ.get("CMN_BENCH_FULL") == "1")
 
 

@@ -1,9 +1,16 @@
 """Shapes, inputs and measurements shared by the memory_query benchmarks.
 
 Used by benches/bench_memory_query.py (pytest-benchmark) and benches/run_gpu_suite.py (one
-command, markdown table). Also a script: ``python benches/mq_cases.py IMPL MODE B L N K``
-runs one case once in this fresh process and prints its peak-RSS growth in bytes, which
-is how CPU peak memory is measured (RSS only grows, so each case needs its own process).
+command, markdown table). Also a script:
+
+* ``python benches/mq_cases.py IMPL MODE B L N K`` runs one case once in this fresh process
+  and prints its peak-RSS growth in bytes, which is how CPU peak memory is measured (RSS
+  only grows, so each case needs its own process);
+* ``python benches/mq_cases.py compare [ROUNDS [THREADS]]`` times naive, torch and cpu side by side
+  at the paper's sizes on CPU, interleaved (one call of each per round, so a change of
+  machine load hits all alike), and prints the best and median per implementation and
+  mode and the speed-ups over naive, plus this machine's GEMM rate and memory bandwidth
+  and the time limit they imply (see ``machine_limit``).
 """
 import gc
 import itertools
@@ -118,6 +125,71 @@ def peak_bytes(impl, mode, case, device):
     return int(result.stdout.split()[-1])
 
 
+def interleaved_times(steps, rounds, clock=time.perf_counter):
+    """{name: sorted seconds} of ``rounds`` calls of each step, one of each per round, after a warm-up.
+
+    ``clock``: ``time.perf_counter`` (wall) or ``time.process_time`` (CPU seconds of all
+    this process's threads: less sensitive to other jobs on the machine than wall time).
+    """
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = clock()
+            step()
+            times[name].append(clock() - t0)
+    return {name: sorted(t) for name, t in times.items()}
+
+
+def machine_limit(case=PAPER, reps=5):
+    """Measured GEMM rate and memory bandwidth, and the lower bound on forward time they imply.
+
+    GEMM: best of ``reps`` fp32 (2048 x 2048) @ (2048 x 2048) products into a preallocated
+    output. Bandwidth: best of ``reps`` sums over a 512 MiB tensor (read only). Bound: the
+    scores GEMM (2 B H L N d flops) at the GEMM rate, plus one read of the (B, H, L, N) fp32
+    scores at that bandwidth (what a selection over scores kept in memory must read; a
+    selection fused with the GEMM reads them from cache instead).
+    """
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    c = torch.empty(2048, 2048)
+    gemm = min(interleaved_times({"gemm": lambda: torch.mm(a, b, out=c)}, reps)["gemm"])
+    big = torch.ones(128 * 2**20)  # 512 MiB
+    read = min(interleaved_times({"read": lambda: big.sum()}, reps)["read"])
+    gflops = 2 * 2048**3 / gemm / 1e9
+    gbs = big.numel() * 4 / read / 1e9
+    flops = 2 * case["B"] * HEADS * case["L"] * case["N"] * HEAD_DIM
+    score_bytes = case["B"] * HEADS * case["L"] * case["N"] * 4
+    return dict(gflops=gflops, gbs=gbs, gemm_s=flops / gflops / 1e9, select_s=score_bytes / gbs / 1e9,
+                flops=flops, score_bytes=score_bytes)
+
+
+def _compare_main(argv):
+    rounds = int(argv[0]) if argv else 5
+    if len(argv) > 1:
+        torch.set_num_threads(int(argv[1]))  # also sizes the cpu kernels' pool
+    cpu = torch.device("cpu")
+    inputs = make_inputs(PAPER, cpu)
+    print(f"paper sizes {shape_name(PAPER)} H={HEADS} d={HEAD_DIM} fp32, {torch.get_num_threads()} threads, "
+          f"{rounds} interleaved rounds, load average before {os.getloadavg()[0]:.2f}")
+    best = {}
+    for mode in MODES:
+        steps = {impl: make_step(impl, mode, inputs, PAPER["K"]) for impl in ("naive", "torch", "cpu")}
+        for clock_name, clock in (("wall", time.perf_counter), ("CPU", time.process_time)):
+            times = interleaved_times(steps, rounds, clock)
+            for impl, t in times.items():
+                best[mode, impl, clock_name] = t[0]
+                print(f"{mode:8s} {impl:6s} {clock_name:4s} best {t[0] * 1e3:8.1f} ms  median "
+                      f"{t[len(t) // 2] * 1e3:8.1f} ms  naive/{impl} (best) "
+                      f"{best[mode, 'naive', clock_name] / t[0]:6.1f}x")
+    lim = machine_limit()
+    print(f"GEMM {lim['gflops']:.0f} GFLOP/s, read bandwidth {lim['gbs']:.1f} GB/s: scores GEMM "
+          f"{lim['flops'] / 1e9:.2f} GFLOP -> {lim['gemm_s'] * 1e3:.1f} ms, one read of the "
+          f"{lim['score_bytes'] / 2**20:.0f} MiB of scores -> {lim['select_s'] * 1e3:.1f} ms; "
+          f"cpu fwd (best wall) = {best['fwd', 'cpu', 'wall'] / lim['gemm_s']:.2f}x the GEMM time; "
+          f"load average after {os.getloadavg()[0]:.2f}")
+
+
 def _status_bytes(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -141,4 +213,7 @@ def _peak_rss_main(argv):
 
 
 if __name__ == "__main__":
-    _peak_rss_main(sys.argv[1:])
+    if sys.argv[1:2] == ["compare"]:
+        _compare_main(sys.argv[2:])
+    else:
+        _peak_rss_main(sys.argv[1:])

@@ -34,7 +34,7 @@ def test_same_logits_and_gradients_for_every_impl(variant):
     truth_logits, truth_grads = run("naive", variant, torch.float64)
     ref_logits, ref_grads = run("naive", variant)
     assert any(n.endswith("memory.weight") for n in ref_grads)  # gradients reach the memory matrix
-    for impl in ("torch", "triton"):
+    for impl in ("torch", "cpu", "triton"):
         logits, grads = run(impl, variant)
         assert max_err(logits, truth_logits) <= 2 * max_err(ref_logits, truth_logits) + 1e-6, impl
         assert grads.keys() == ref_grads.keys()

@@ -24,6 +24,35 @@ def clean_report(text: _Text, dataset: str) -> str: ...
 def clean_reports(texts: Sequence[_Text], dataset: str) -> list[str]: ...
 def _py_lower(text: str) -> str: ...
 
+# Fused CPU memory query (used by cmn.ops._cpu). Arrays are C-contiguous, float32 or
+# float64 (one type per call), idx int64; q (G, R, d), k, v (G, N, d), mask, idx, probs,
+# d_weights (G, R, K). Outputs are written in place; the GIL is released while they run
+# on ``threads`` threads. Bad shapes or indices raise ValueError.
+def memory_query_forward(
+    q: npt.NDArray[np.floating],
+    k: npt.NDArray[np.floating],
+    v: npt.NDArray[np.floating],
+    mask: Optional[npt.NDArray[np.floating]],
+    out: npt.NDArray[np.floating],
+    idx: npt.NDArray[np.int64],
+    probs: npt.NDArray[np.floating],
+    threads: int,
+) -> None: ...
+def memory_query_backward(
+    q: npt.NDArray[np.floating],
+    k: npt.NDArray[np.floating],
+    v: npt.NDArray[np.floating],
+    mask: Optional[npt.NDArray[np.floating]],
+    idx: npt.NDArray[np.int64],
+    probs: npt.NDArray[np.floating],
+    d_out: npt.NDArray[np.floating],
+    d_weights: Optional[npt.NDArray[np.floating]],
+    dq: npt.NDArray[np.floating],
+    dk: npt.NDArray[np.floating],
+    dv: npt.NDArray[np.floating],
+    threads: int,
+) -> None: ...
+
 class Tokenizer:
     @staticmethod
     def build(reports: Sequence[_Text], threshold: int, dataset: str) -> Tokenizer: ...

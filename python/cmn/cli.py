@@ -30,7 +30,7 @@ _TRAIN_FLAGS = ["epochs", "lr_ve", "lr_ed", "weight_decay", "step_size", "gamma"
                 "beam_size", "block_ngram", "precision", "device", "output_dir", "resume", "overwrite", "trust_pickled_state",
                 "init_from", "decode",
                 "visual_weights",
-                "eval_max_batches", "freeze_bn", "sync_bn", "checkpoint_visual"]
+                "eval_max_batches", "freeze_bn", "sync_bn", "checkpoint_visual", "low_memory"]
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -97,6 +97,9 @@ def train_parser() -> argparse.ArgumentParser:
                         "torch.load(weights_only=True), so no code in it runs; rewritten in the safe format)")
     t.add_argument("--checkpoint-visual", action="store_true", default=None,
                    help="recompute the CNN's activations in the backward: much less memory, ~1/3 more CNN time")
+    t.add_argument("--low-memory", action="store_true", default=None,
+                   help="= --precision bf16 --checkpoint-visual: a training step's peak memory about 1/4 of the "
+                        "reference code's (see README)")
     t.add_argument("--freeze-bn", action="store_true", default=None,
                    help="keep the CNN's BatchNorm on running statistics (small per-GPU batches)")
     t.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
@@ -127,6 +130,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, dict[str, A
     model_kw["num_views"] = data.num_views
     model_kw["max_seq_length"] = data.max_seq_length
     train_kw = {**preset.train, **{k: given[k] for k in _TRAIN_FLAGS if k in given}}
+    if train_kw.get("low_memory") and given.get("precision") == "fp32":
+        raise ConfigError("--low-memory trains under bf16 autocast; it cannot be combined with --precision fp32")
     train_kw.setdefault("output_dir", f"runs/{args.dataset}-{model_kw.get('variant', 'cmn')}")
     train = TrainConfig(**train_kw)
     # validate model flags now (vocab_size is filled in once the vocabulary is built)

@@ -16,7 +16,7 @@ MODEL_VARIANTS = ("cmn", "mem", "base")
 # name -> channels of the last conv layer (torchvision ResNets)
 VISUAL_EXTRACTORS = {"resnet101": 2048, "resnet50": 2048, "resnet18": 512, "resnet34": 512, "resnet152": 2048}
 DATASETS = ("demo", "iu_xray", "mimic_cxr")
-MEMORY_IMPLS = ("auto", "naive", "torch", "triton")
+MEMORY_IMPLS = ("auto", "naive", "torch", "cpu", "triton")
 PRECISIONS = ("fp32", "bf16")
 CLEAN_RULES = ("iu_xray", "mimic_cxr")
 DEMO_SIZE = (700, 100, 100)  # built-in demo data: train/val/test studies
@@ -107,7 +107,7 @@ class ModelConfig:
     memory_size: int = 2048  # N memory slots
     topk: int = 32  # K memory slots each query keeps
     max_seq_length: int = 60  # generated tokens at most (BOS excluded)
-    memory_impl: str = "auto"  # memory_query implementation: auto | naive | torch | triton
+    memory_impl: str = "auto"  # memory_query implementation: auto | naive | torch | cpu | triton
     joint_view_bn: bool = False  # CNN BatchNorm statistics over all views at once (reference: per view)
 
     @property
@@ -205,6 +205,7 @@ class TrainConfig:
     trust_pickled_state: bool = False  # --resume may read a cmn 0.1 trainer_state.pt (weights_only, no code runs)
     visual_weights: Optional[str] = "imagenet"  # imagenet | PATH to a state dict | None (random init)
     checkpoint_visual: bool = False  # recompute the CNN's block activations in the backward (less memory)
+    low_memory: bool = False  # = precision bf16 + checkpoint_visual: a training step's peak about 1/4 of the reference's
     freeze_bn: bool = False  # BatchNorm on running statistics (small per-GPU batches, exact DDP equivalence)
     sync_bn: bool = True  # under torchrun on CUDA, SyncBatchNorm so batch statistics span all ranks
     eval_max_batches: Optional[int] = None  # cap validation/test batches (smoke tests)

@@ -1,15 +1,17 @@
-//! Native text core of cmn: report cleaning ([`clean`]), vocabulary and
-//! tokenization ([`vocab`]) and beam-search bookkeeping ([`beam`]) are pure Rust;
-//! this file only converts types for Python (module `cmn._native`), releases the
-//! GIL around batch work and maps errors to exceptions.
+//! Native core of cmn: report cleaning ([`clean`]), vocabulary and
+//! tokenization ([`vocab`]), beam-search bookkeeping ([`beam`]) and the fused CPU
+//! memory query ([`memory_query`]) are pure Rust; this file only converts types for
+//! Python (module `cmn._native`), releases the GIL around batch work and maps errors
+//! to exceptions.
 pub mod beam;
 pub mod clean;
 pub mod error;
+pub mod memory_query;
 pub mod vocab;
 
 use numpy::{
-    Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, IntoPyArray, PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray2,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
@@ -532,6 +534,205 @@ impl BeamSearch {
     }
 }
 
+/// An array argument of the memory query, checked for rank and element type.
+fn mq_array<'a, 'py, T: numpy::Element>(
+    name: &str,
+    array: &'a Bound<'py, PyAny>,
+) -> PyResult<&'a Bound<'py, PyArray3<T>>> {
+    array.cast::<PyArray3<T>>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "memory query: {name} must be a 3-d {} array",
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+/// An input array of the memory query, borrowed for reading.
+fn mq_in<'py, T: numpy::Element>(
+    name: &str,
+    array: &Bound<'py, PyAny>,
+) -> PyResult<numpy::PyReadonlyArray3<'py, T>> {
+    Ok(mq_array::<T>(name, array)?.try_readonly()?)
+}
+
+/// An output array of the memory query, borrowed for writing in place.
+fn mq_out<'py, T: numpy::Element>(
+    name: &str,
+    array: &Bound<'py, PyAny>,
+) -> PyResult<numpy::PyReadwriteArray3<'py, T>> {
+    Ok(mq_array::<T>(name, array)?.try_readwrite()?)
+}
+
+fn mq_slice<'a, T: numpy::Element>(
+    name: &str,
+    array: &'a numpy::PyReadonlyArray3<'_, T>,
+) -> PyResult<&'a [T]> {
+    array
+        .as_slice()
+        .map_err(|_| PyValueError::new_err(format!("memory query: {name} must be C-contiguous")))
+}
+
+fn mq_slice_mut<'a, T: numpy::Element>(
+    name: &str,
+    array: &'a mut numpy::PyReadwriteArray3<'_, T>,
+) -> PyResult<&'a mut [T]> {
+    array
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err(format!("memory query: {name} must be C-contiguous")))
+}
+
+fn mq_error(err: error::Error) -> PyErr {
+    PyValueError::new_err(err.to_string())
+}
+
+/// Memory query sizes from q (G, R, d), k (G, N, d) and a (G, R, K) array.
+fn mq_dims(q: &[usize], k: &[usize], sel: &[usize]) -> memory_query::Dims {
+    memory_query::Dims {
+        groups: q[0],
+        rows: q[1],
+        slots: k[1],
+        dim: q[2],
+        topk: sel[2],
+    }
+}
+
+/// Runs `$body` with `$t` = the float type of `$probe` (float64, else float32: a wrong
+/// type then fails the first conversion with a message naming the array).
+macro_rules! with_float_type {
+    ($probe:expr, $t:ident, $body:block) => {
+        if $probe.cast::<PyArray3<f64>>().is_ok() {
+            type $t = f64;
+            $body
+        } else {
+            type $t = f32;
+            $body
+        }
+    };
+}
+
+/// Fused CPU memory query, forward (see `cmn.ops._cpu`): fills `out` (G, R, d), `idx`
+/// (G, R, K) int64 and `probs` (G, R, K) from `q` (G, R, d), `k`, `v` (G, N, d) and the
+/// optional dropout multipliers `mask` (G, R, K); float32 or float64, C-contiguous. Runs
+/// on `threads` threads without the GIL.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, mask, out, idx, probs, threads))]
+#[allow(clippy::too_many_arguments)]
+fn memory_query_forward(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    mask: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    idx: &Bound<'_, PyAny>,
+    probs: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(q, T, {
+        let (q, k, v) = (
+            mq_in::<T>("q", q)?,
+            mq_in::<T>("k", k)?,
+            mq_in::<T>("v", v)?,
+        );
+        let mask = mask.map(|m| mq_in::<T>("mask", m)).transpose()?;
+        let (mut out, mut idx, mut probs) = (
+            mq_out::<T>("out", out)?,
+            mq_out::<i64>("idx", idx)?,
+            mq_out::<T>("probs", probs)?,
+        );
+        let dims = mq_dims(q.shape(), k.shape(), idx.shape());
+        let (q, k, v) = (mq_slice("q", &q)?, mq_slice("k", &k)?, mq_slice("v", &v)?);
+        let mask = mask.as_ref().map(|m| mq_slice("mask", m)).transpose()?;
+        let (out, idx, probs) = (
+            mq_slice_mut("out", &mut out)?,
+            mq_slice_mut("idx", &mut idx)?,
+            mq_slice_mut("probs", &mut probs)?,
+        );
+        let input = memory_query::Inputs {
+            dims,
+            q,
+            k,
+            v,
+            mask,
+        };
+        let output = memory_query::Selected { out, idx, probs };
+        let isa = memory_query::Isa::detect();
+        py.detach(|| {
+            memory_query::with_threads(threads, || memory_query::forward(input, output, isa))
+                .and_then(|r| r)
+        })
+        .map_err(mq_error)
+    })
+}
+
+/// Fused CPU memory query, backward: overwrites `dq` (G, R, d), `dk`, `dv` (G, N, d)
+/// from the forward's inputs, its saved `idx` and `probs`, the output gradient `d_out`
+/// (G, R, d) and the optional gradient `d_weights` (G, R, K) of the returned weights.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, mask, idx, probs, d_out, d_weights, dq, dk, dv, threads))]
+#[allow(clippy::too_many_arguments)]
+fn memory_query_backward(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    mask: Option<&Bound<'_, PyAny>>,
+    idx: &Bound<'_, PyAny>,
+    probs: &Bound<'_, PyAny>,
+    d_out: &Bound<'_, PyAny>,
+    d_weights: Option<&Bound<'_, PyAny>>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    threads: usize,
+) -> PyResult<()> {
+    with_float_type!(q, T, {
+        let (q, k, v) = (
+            mq_in::<T>("q", q)?,
+            mq_in::<T>("k", k)?,
+            mq_in::<T>("v", v)?,
+        );
+        let mask = mask.map(|m| mq_in::<T>("mask", m)).transpose()?;
+        let (idx, probs) = (mq_in::<i64>("idx", idx)?, mq_in::<T>("probs", probs)?);
+        let d_out = mq_in::<T>("d_out", d_out)?;
+        let d_weights = d_weights.map(|m| mq_in::<T>("d_weights", m)).transpose()?;
+        let (mut dq, mut dk, mut dv) = (
+            mq_out::<T>("dq", dq)?,
+            mq_out::<T>("dk", dk)?,
+            mq_out::<T>("dv", dv)?,
+        );
+        let dims = mq_dims(q.shape(), k.shape(), idx.shape());
+        let (q, k, v) = (mq_slice("q", &q)?, mq_slice("k", &k)?, mq_slice("v", &v)?);
+        let mask = mask.as_ref().map(|m| mq_slice("mask", m)).transpose()?;
+        let (idx, probs) = (mq_slice("idx", &idx)?, mq_slice("probs", &probs)?);
+        let d_out = mq_slice("d_out", &d_out)?;
+        let d_weights = d_weights
+            .as_ref()
+            .map(|m| mq_slice("d_weights", m))
+            .transpose()?;
+        let grads = memory_query::Grads {
+            dq: mq_slice_mut("dq", &mut dq)?,
+            dk: mq_slice_mut("dk", &mut dk)?,
+            dv: mq_slice_mut("dv", &mut dv)?,
+        };
+        let input = memory_query::Inputs {
+            dims,
+            q,
+            k,
+            v,
+            mask,
+        };
+        let isa = memory_query::Isa::detect();
+        py.detach(|| {
+            memory_query::with_threads(threads, || {
+                memory_query::backward(input, idx, probs, d_out, d_weights, grads, isa)
+            })
+            .and_then(|r| r)
+        })
+        .map_err(mq_error)
+    })
+}
+
 #[pyfunction]
 fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
@@ -543,6 +744,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clean_report, m)?)?;
     m.add_function(wrap_pyfunction!(clean_reports, m)?)?;
     m.add_function(wrap_pyfunction!(_py_lower, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_query_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_query_backward, m)?)?;
     m.add_class::<Tokenizer>()?;
     m.add_class::<BeamSearch>()?;
     m.add("TextInputError", m.py().get_type::<TextInputError>())?;

@@ -5,10 +5,14 @@ Implementations:
 * ``naive``: :func:`cmn.ops.memory_query_ref`, the reference code's ops (the spec).
 * ``torch``: :mod:`cmn.ops._torch`, the same maths without the (B, H, L, N, d) gather;
   bounded scratch memory, deterministic on CPU.
+* ``cpu``: :mod:`cmn.ops._cpu`, fused Rust kernels for CPU tensors in fp32 or fp64:
+  scores in cache-sized tiles + running top-K + softmax + weighted sum, and a backward
+  that scatters dK/dV into the selected rows only; deterministic, ties to the lowest index.
 * ``triton``: :mod:`cmn.ops._triton`, one fused kernel for scores + running top-K +
   softmax + weighted sum, and one for the backward (CUDA, or CPU under
   ``TRITON_INTERPRET=1``).
-* ``auto``: ``triton`` for CUDA tensors when triton is importable, ``torch`` otherwise.
+* ``auto``: ``triton`` for CUDA tensors when triton is importable; ``cpu`` for CPU
+  tensors in fp32 or fp64; ``torch`` otherwise (bf16/fp16 on CPU, other devices).
 """
 import os
 import warnings
@@ -16,12 +20,13 @@ import warnings
 import torch
 
 from cmn.errors import ConfigError
-from cmn.ops import _torch
+from cmn.ops import _cpu, _torch
 from cmn.ops._ref import memory_query_ref
 
-IMPLS = ("auto", "naive", "torch", "triton")
+IMPLS = ("auto", "naive", "torch", "cpu", "triton")
 TRITON_MAX_TOPK = 128
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def _triton_available(device):
@@ -37,6 +42,17 @@ def _triton_available(device):
     return None
 
 
+def _cpu_unavailable(device, dtype):
+    """Why the fused CPU kernels cannot run these tensors, or None."""
+    if device.type != "cpu":
+        return f"it runs on CPU tensors only, not {device.type}"
+    if dtype not in CPU_DTYPES:
+        return f"it supports fp32 and fp64, not {dtype}"
+    if not _cpu.kernels_built():
+        return "the compiled extension cmn._native predates it (rebuild the package)"
+    return None
+
+
 def _triton_supports_topk(topk):
     return topk <= TRITON_MAX_TOPK and topk & (topk - 1) == 0
 
@@ -49,7 +65,11 @@ def resolve_impl(impl, device, topk, dtype=torch.float32):
         if (device.type == "cuda" and dtype in TRITON_DTYPES and _triton_supports_topk(topk)
                 and _triton_available(device) is None):
             return "triton"
-        return "torch"
+        return "cpu" if _cpu_unavailable(device, dtype) is None else "torch"
+    if impl == "cpu":
+        reason = _cpu_unavailable(device, dtype)
+        if reason is not None:
+            raise ConfigError(f"memory_query impl='cpu' cannot run: {reason}; use impl='torch' or 'auto'")
     if impl == "triton":
         reason = _triton_available(device)
         if reason is not None:
@@ -122,7 +142,7 @@ def memory_query(q, k, v, topk, *, impl="auto", return_selection=False, dropout_
     and returns the weighted sum of the K selected value rows.
 
     Args:
-        impl: "auto" | "naive" | "torch" | "triton" (see the module docstring). "triton"
+        impl: "auto" | "naive" | "torch" | "cpu" | "triton" (see the module docstring). "triton"
             with a topk that is not a power of two <= 128 warns once and runs "torch".
         return_selection: also return the indices and weights.
         dropout_p: dropout probability on the softmax weights.
@@ -130,9 +150,9 @@ def memory_query(q, k, v, topk, *, impl="auto", return_selection=False, dropout_
     Returns:
         out (B, H, L, d) in q's dtype; with ``return_selection`` also idx (B, H, L, K)
         int64 (sorted by descending score; ties may resolve to any of the tied slots on
-        the naive and torch paths, to the lowest index on the triton path) and weights
-        (B, H, L, K) in q's dtype, after dropout (differentiable on the naive and torch
-        paths; on the triton path only ``out`` carries gradients).
+        the naive and torch paths, to the lowest index on the cpu and triton paths) and weights
+        (B, H, L, K) in q's dtype, after dropout (differentiable on the naive, torch and
+        cpu paths; on the triton path only ``out`` carries gradients).
     """
     _check_inputs(q, k, v, topk, dropout_p)
     impl = resolve_impl(impl, q.device, topk, q.dtype)
@@ -145,6 +165,8 @@ def memory_query(q, k, v, topk, *, impl="auto", return_selection=False, dropout_
         maskg = None if mask is None else _to_groups(mask, k, v)[0]
         if impl == "torch":
             out, idx, weights = _torch.memory_query_torch(qg, kg, vg, topk, maskg)
+        elif impl == "cpu":
+            out, idx, weights = _cpu.memory_query_cpu(qg, kg, vg, topk, maskg)
         else:
             from cmn.ops import _triton
 
