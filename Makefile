@@ -1,7 +1,7 @@
 # The two commands of the README, and a few helpers.
 PY ?= python3
 
-.PHONY: demo test install browser rust-check bench bench-gpu
+.PHONY: demo test install browser rust-check lint bench bench-gpu
 
 install:
 	$(PY) -m pip install -e ".[test]"
@@ -15,6 +15,13 @@ rust-check:
 	cargo clippy --all-targets -- -D warnings
 	cargo test --quiet
 
+# Python checks: lint and format (ruff), types (mypy), the native stub against the built module (stubtest).
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest cmn._native --allowlist python/cmn/_native.stubtest-allowlist
+
 # The headless browser the page tests open (Debian's Chromium and its driver), when missing.
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
@@ -27,7 +34,7 @@ browser:
 	fi
 
 # Everything CI runs: install, Rust checks, the test suite, and each benchmark once (smoke).
-test: install browser rust-check
+test: install browser rust-check lint
 	$(PY) -m pytest tests benches --benchmark-disable
 
 # Full CPU benchmarks (timed); see benches/RESULTS.md.

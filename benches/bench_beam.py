@@ -11,15 +11,16 @@ Compared in one group, each timed per decoding step:
 * ``model_step``: a stand-in for the model's own step: Linear 512 -> 5000 over 48
   rows plus log_softmax (the real decoder also runs its Transformer layers first).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from timing import mean_seconds
 import torch
 
 from cmn.decode import beam_search
 from cmn.text_ref import beam_search_ref
+from timing import mean_seconds
 
 BATCH, BEAM, VOCAB, D_MODEL = 16, 3, 5000, 512
 STEPS = 60  # one report's worth of steps per round (hypotheses grow like in real use)

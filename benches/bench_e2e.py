@@ -14,6 +14,7 @@ decoding steps taken for generation.
 Full sizes: ResNet-101, two 224x224 views, batch 16, d_model 512, 8 heads, 3 layers, N 2048,
 K 32, vocabulary 761, 60 tokens, beam 3 over 16 studies.
 """
+
 import os
 
 import pytest
@@ -25,10 +26,17 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES_NAME = "full" if os.environ.get("CMN_BENCH_FULL") == "1" else "smoke"
 SIZES = e2e_cases.SIZES[SIZES_NAME]
 ROUNDS = 3 if SIZES_NAME == "full" else 1
-CASES = [("train_full", "naive", "fp32"), ("train_full", "default", "fp32"), ("train_full", "default", "bf16"),
-         ("train_full", "checkpointed", "fp32"),
-         ("train_encdec", "naive", "fp32"), ("train_encdec", "default", "fp32"), ("train_encdec", "default", "bf16"),
-         ("generate", "naive", "fp32"), ("generate", "default", "fp32")]
+CASES = [
+    ("train_full", "naive", "fp32"),
+    ("train_full", "default", "fp32"),
+    ("train_full", "default", "bf16"),
+    ("train_full", "checkpointed", "fp32"),
+    ("train_encdec", "naive", "fp32"),
+    ("train_encdec", "default", "fp32"),
+    ("train_encdec", "default", "bf16"),
+    ("generate", "naive", "fp32"),
+    ("generate", "default", "fp32"),
+]
 
 
 @pytest.mark.parametrize("scenario,config,precision", CASES, ids=["-".join(c) for c in CASES])

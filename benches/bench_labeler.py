@@ -6,6 +6,7 @@ in reports per CPU-second (process time, which other programs on a shared machin
 far less than wall time). ``--full`` wraps each report in MIMIC-CXR headings (INDICATION,
 COMPARISON, FINDINGS, IMPRESSION) and labels with ``sections="auto"``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,8 +86,10 @@ def main() -> None:
     wall, cpu = time.perf_counter(), time.process_time()
     label_reports(reports, **kwargs)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"labeled {args.n} {'full ' if args.full else ''}reports: {cpu:.2f} s CPU ({args.n / cpu:,.0f} reports "
-          f"per CPU-second), {wall:.2f} s wall")
+    print(
+        f"labeled {args.n} {'full ' if args.full else ''}reports: {cpu:.2f} s CPU ({args.n / cpu:,.0f} reports "
+        f"per CPU-second), {wall:.2f} s wall"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ benchmarks are enabled.
 The full grid is B in {1, 16}, L in {60, 98}, N in {512, 2048, 8192, 65536}, K in
 {8, 32, 128}, H = 8, d = 64, fp32. Naive cases that cannot fit are skipped with the reason.
 """
+
 import os
 
 import pytest

@@ -6,29 +6,39 @@ The corpus (200,000 raw reports, MIMIC-style: capitalised sentences, numbered li
 Each round does what training does before the first epoch: clean every report, build
 the vocabulary (threshold 3) and encode every report to a padded (n, 100) array.
 """
+
 from __future__ import annotations
 
 import random
 
 import pytest
-from timing import mean_seconds
 
 from cmn.text import Tokenizer
 from cmn.text_ref import RefTokenizer
+from timing import mean_seconds
 
 N_REPORTS = 200_000
 MAX_LEN = 100
 SENTENCES = (
-    "The heart size is normal.", "Moderate cardiomegaly is unchanged.",
+    "The heart size is normal.",
+    "Moderate cardiomegaly is unchanged.",
     "The mediastinal and hilar contours are within normal limits.",
-    "There is no pleural effusion or pneumothorax.", "No focal consolidation, pleural effusion, or pneumothorax is seen.",
-    "Small bilateral pleural effusions with adjacent atelectasis.", "Mild pulmonary vascular congestion without frank edema.",
+    "There is no pleural effusion or pneumothorax.",
+    "No focal consolidation, pleural effusion, or pneumothorax is seen.",
+    "Small bilateral pleural effusions with adjacent atelectasis.",
+    "Mild pulmonary vascular congestion without frank edema.",
     "Opacity at the right lung base may represent atelectasis or pneumonia.",
-    "An endotracheal tube terminates 4 cm above the carina.", "A right IJ central venous catheter ends in the mid SVC.",
-    "Dr. ___ was notified of the findings by Dr. ___ at ___ on ___.", "Comparison is made to the prior study from ___.",
-    "Healed left rib fractures are again noted.", "No acute osseous abnormality.", "The lungs are clear.",
-    "No acute cardiopulmonary process.", "Pleural thickening at the left apex is unchanged (stable).",
-    "A 1.5 cm nodule is seen in the right upper lobe; recommend CT.", "Median sternotomy wires are intact.",
+    "An endotracheal tube terminates 4 cm above the carina.",
+    "A right IJ central venous catheter ends in the mid SVC.",
+    "Dr. ___ was notified of the findings by Dr. ___ at ___ on ___.",
+    "Comparison is made to the prior study from ___.",
+    "Healed left rib fractures are again noted.",
+    "No acute osseous abnormality.",
+    "The lungs are clear.",
+    "No acute cardiopulmonary process.",
+    "Pleural thickening at the left apex is unchanged (stable).",
+    "A 1.5 cm nodule is seen in the right upper lobe; recommend CT.",
+    "Median sternotomy wires are intact.",
     "Interval increase in the left retrocardiac opacity since __/__/____.",
 )
 

@@ -27,6 +27,7 @@ randomly initialised model could otherwise stop at any step, while the reference
 always runs ``max_len`` steps. Both therefore decode exactly ``max_len`` steps and their
 per-study costs compare like for like (the step count is reported with each result).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,21 +73,52 @@ class Sizes:
 
 SIZES = {
     # The reference's IU X-Ray settings (train_iu_xray.sh); vocabulary of IU X-Ray at threshold 3.
-    "full": Sizes(visual_extractor="resnet101", image_size=224, num_views=2, batch=16, gen_batch=16,
-                  d_model=512, num_heads=8, num_layers=3, memory_size=2048, topk=32, vocab_size=761,
-                  seq_len=60, beam=3),
+    "full": Sizes(
+        visual_extractor="resnet101",
+        image_size=224,
+        num_views=2,
+        batch=16,
+        gen_batch=16,
+        d_model=512,
+        num_heads=8,
+        num_layers=3,
+        memory_size=2048,
+        topk=32,
+        vocab_size=761,
+        seq_len=60,
+        beam=3,
+    ),
     # CI smoke run: the same code paths in a few seconds.
-    "smoke": Sizes(visual_extractor="resnet18", image_size=32, num_views=2, batch=2, gen_batch=2,
-                   d_model=32, num_heads=4, num_layers=1, memory_size=64, topk=8, vocab_size=40,
-                   seq_len=8, beam=3),
+    "smoke": Sizes(
+        visual_extractor="resnet18",
+        image_size=32,
+        num_views=2,
+        batch=2,
+        gen_batch=2,
+        d_model=32,
+        num_heads=4,
+        num_layers=1,
+        memory_size=64,
+        topk=8,
+        vocab_size=40,
+        seq_len=8,
+        beam=3,
+    ),
 }
 
 
 def model_config(sizes: Sizes, config: str) -> ModelConfig:
     return ModelConfig(
-        vocab_size=sizes.vocab_size, visual_extractor=sizes.visual_extractor, num_views=sizes.num_views,
-        d_model=sizes.d_model, d_ff=sizes.d_model, num_heads=sizes.num_heads, num_layers=sizes.num_layers,
-        memory_size=sizes.memory_size, topk=sizes.topk, max_seq_length=sizes.seq_len,
+        vocab_size=sizes.vocab_size,
+        visual_extractor=sizes.visual_extractor,
+        num_views=sizes.num_views,
+        d_model=sizes.d_model,
+        d_ff=sizes.d_model,
+        num_heads=sizes.num_heads,
+        num_layers=sizes.num_layers,
+        memory_size=sizes.memory_size,
+        topk=sizes.topk,
+        max_seq_length=sizes.seq_len,
         memory_impl="naive" if config == "naive" else "auto",
     )
 
@@ -195,8 +227,13 @@ def generation_step(model: CMN, sizes: Sizes, config: str, device: torch.device,
         counter[0] = 0
         with torch.no_grad(), autocast(device, precision):
             if config == "naive":
-                hyps = beam_search(model.start_decoding(images, sizes.beam, reference=True), G, sizes.beam,
-                                   sizes.seq_len, no_repeat_ngram_size=BLOCK_NGRAM)
+                hyps = beam_search(
+                    model.start_decoding(images, sizes.beam, reference=True),
+                    G,
+                    sizes.beam,
+                    sizes.seq_len,
+                    no_repeat_ngram_size=BLOCK_NGRAM,
+                )
                 seqs = [h[0].tokens for h in hyps]
             else:
                 seqs = model.generate(images, beam_size=sizes.beam, max_len=sizes.seq_len, block_ngram=BLOCK_NGRAM)
@@ -239,8 +276,15 @@ def _status_bytes(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(scenario: str, config: str, sizes: Sizes, device: torch.device, precision: str = "fp32",
-            reps: int = 3, max_seconds: float = 60.0) -> dict:
+def measure(
+    scenario: str,
+    config: str,
+    sizes: Sizes,
+    device: torch.device,
+    precision: str = "fp32",
+    reps: int = 3,
+    max_seconds: float = 60.0,
+) -> dict:
     """Build and time one case in this process; peak memory covers the warm-up and timed calls.
 
     CPU: ``peak_bytes`` is the process's RSS high-water mark (VmHWM, reset once the model and
@@ -258,15 +302,47 @@ def measure(scenario: str, config: str, sizes: Sizes, device: torch.device, prec
     times = time_step(step, reps, max_seconds)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
     seconds = statistics.median(times)
-    return dict(scenario=scenario, config=config, precision=precision, device=device.type, seconds=seconds,
-                times=times, units=units, units_per_s=units / seconds, peak_bytes=peak, base_bytes=base, **result)
+    return dict(
+        scenario=scenario,
+        config=config,
+        precision=precision,
+        device=device.type,
+        seconds=seconds,
+        times=times,
+        units=units,
+        units_per_s=units / seconds,
+        peak_bytes=peak,
+        base_bytes=base,
+        **result,
+    )
 
 
-def measure_in_subprocess(scenario: str, config: str, sizes_name: str, device: str, precision: str = "fp32",
-                          reps: int = 3, max_seconds: float = 60.0) -> dict:
+def measure_in_subprocess(
+    scenario: str,
+    config: str,
+    sizes_name: str,
+    device: str,
+    precision: str = "fp32",
+    reps: int = 3,
+    max_seconds: float = 60.0,
+) -> dict:
     """:func:`measure` in a fresh Python process (clean peak memory); its JSON result."""
-    cmd = [sys.executable, os.path.abspath(__file__), scenario, config, "--sizes", sizes_name, "--device", device,
-           "--precision", precision, "--reps", str(reps), "--max-seconds", str(max_seconds)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        scenario,
+        config,
+        "--sizes",
+        sizes_name,
+        "--device",
+        device,
+        "--precision",
+        precision,
+        "--reps",
+        str(reps),
+        "--max-seconds",
+        str(max_seconds),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -284,8 +360,15 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=60.0)
     args = parser.parse_args(argv)
-    out = measure(args.scenario, args.config, SIZES[args.sizes], torch.device(args.device), args.precision,
-                  args.reps, args.max_seconds)
+    out = measure(
+        args.scenario,
+        args.config,
+        SIZES[args.sizes],
+        torch.device(args.device),
+        args.precision,
+        args.reps,
+        args.max_seconds,
+    )
     out["sizes"] = asdict(SIZES[args.sizes])
     print(json.dumps(out))
 

@@ -7,6 +7,7 @@ For each study (demo test split), alternately times ``generate_reports`` (beam 3
 the same machine load; prints the medians and their ratio, and the time to write the page.
 Images are decoded before timing (both would pay the same for it).
 """
+
 import argparse
 import json
 import statistics
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     loaded = [load_study(bundle, [args.demo_root / "images" / q for q in e["image_path"]]) for e in entries]
     gen, exp, explanations = [], [], []
     with torch.inference_mode():
-        for tensor, pictures in loaded:
+        for tensor, _pictures in loaded:
             model.generate(tensor[None], beam_size=args.beam_size)  # warm-up
             for _ in range(args.reps):
                 t = time.perf_counter()

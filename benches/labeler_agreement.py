@@ -29,6 +29,7 @@ Scores are :func:`cmn.metrics.ce_scores` per observation, once with uncertain la
 counted as negative on both sides (cmn-eval's default) and once as positive (MeSH tags have no
 "uncertain": a finding named as a possibility is tagged).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,8 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -87,8 +88,16 @@ _IDX = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
 _RANK = {1.0: 2, -1.0: 1}
 
 #: The observations the issue sets a target for (F1 >= 0.85).
-TARGETS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Edema", "Atelectasis",
-           "Consolidation", "Support Devices", "No Finding")
+TARGETS = (
+    "Cardiomegaly",
+    "Pleural Effusion",
+    "Pneumothorax",
+    "Edema",
+    "Atelectasis",
+    "Consolidation",
+    "Support Devices",
+    "No Finding",
+)
 
 
 def part_of(uid: str) -> str:
@@ -120,8 +129,12 @@ def reference_row(mesh: str) -> np.ndarray:
 def report_text(rec: dict, text: str) -> str:
     """``findings`` + ``impression`` joined, or the ``full`` report with headings."""
     if text == "full":
-        parts = [("INDICATION", rec["indication"]), ("COMPARISON", rec["comparison"]),
-                 ("FINDINGS", rec["findings"]), ("IMPRESSION", rec["impression"])]
+        parts = [
+            ("INDICATION", rec["indication"]),
+            ("COMPARISON", rec["comparison"]),
+            ("FINDINGS", rec["findings"]),
+            ("IMPRESSION", rec["impression"]),
+        ]
         return "\n".join(f"{head}: {body.strip()}" for head, body in parts if body.strip())
     return "\n".join(body.strip() for body in (rec["findings"], rec["impression"]) if body.strip())
 
@@ -176,8 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reports", required=True, type=Path, help="indiana_reports.csv")
     p.add_argument("--part", choices=("heldout", "dev", "all"), default="heldout")
-    p.add_argument("--text", choices=("findings-impression", "full"), default="findings-impression",
-                   help="label FINDINGS + IMPRESSION, or the full report with INDICATION and COMPARISON")
+    p.add_argument(
+        "--text",
+        choices=("findings-impression", "full"),
+        default="findings-impression",
+        help="label FINDINGS + IMPRESSION, or the full report with INDICATION and COMPARISON",
+    )
     p.add_argument("--sections", choices=("auto", "all"), help="pass sections= to label_reports")
     p.add_argument("--json", type=Path, help="write the per-observation scores here")
     p.add_argument("--before", type=Path, help="a --json file of an earlier run, shown as 'F1 before'")
@@ -193,8 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref = np.stack([reference_row(r["MeSH"]) for r in recs])  # (n, 14)
     pred = _label(texts, args.sections)  # (n, 14)
     per = {policy: ce_scores(ref, pred, uncertain=policy)["per_observation"] for policy in POLICIES}
-    print(f"Open-i reports, {args.part} part: {len(recs)} reports; text: {args.text}; "
-          f"sections: {args.sections or 'default'}; precision / recall / F1 count uncertain as negative")
+    print(
+        f"Open-i reports, {args.part} part: {len(recs)} reports; text: {args.text}; "
+        f"sections: {args.sections or 'default'}; precision / recall / F1 count uncertain as negative"
+    )
     before = json.loads(args.before.read_text(encoding="utf-8"))["per_observation"] if args.before else None
     print(_fmt_table(per, before))
     for policy in POLICIES:
@@ -203,8 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         from cmn.fsutil import write_json
 
-        write_json(args.json, {"part": args.part, "n": len(recs), "text": args.text,
-                               "sections": args.sections, "per_observation": per})
+        write_json(
+            args.json,
+            {"part": args.part, "n": len(recs), "text": args.text, "sections": args.sections, "per_observation": per},
+        )
     if args.errors is not None:
         k = _IDX[args.errors]
         for rec, text, r, q in zip(recs, texts, ref[:, k], pred[:, k]):  # uncertain as negative

@@ -12,6 +12,7 @@ command, markdown table). Also a script:
   mode and the speed-ups over naive, plus this machine's GEMM rate and memory bandwidth
   and the time limit they imply (see ``machine_limit``).
 """
+
 import gc
 import itertools
 import os
@@ -32,7 +33,7 @@ MODES = ("fwd", "fwd+bwd")
 
 def grid(full):
     g = FULL_GRID if full else SMOKE_GRID
-    return [dict(B=b, L=l, N=n, K=k) for b, l, n, k in itertools.product(g["B"], g["L"], g["N"], g["K"])]
+    return [dict(B=b, L=seq, N=n, K=k) for b, seq, n, k in itertools.product(g["B"], g["L"], g["N"], g["K"])]
 
 
 def shape_name(case):
@@ -119,8 +120,7 @@ def peak_bytes(impl, mode, case, device):
         base = torch.cuda.memory_allocated(device)
         step()
         return torch.cuda.max_memory_allocated(device) - base
-    cmd = [sys.executable, os.path.abspath(__file__), impl, mode,
-           *(str(case[x]) for x in ("B", "L", "N", "K"))]
+    cmd = [sys.executable, os.path.abspath(__file__), impl, mode, *(str(case[x]) for x in ("B", "L", "N", "K"))]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(result.stdout.split()[-1])
 
@@ -160,8 +160,14 @@ def machine_limit(case=PAPER, reps=5):
     gbs = big.numel() * 4 / read / 1e9
     flops = 2 * case["B"] * HEADS * case["L"] * case["N"] * HEAD_DIM
     score_bytes = case["B"] * HEADS * case["L"] * case["N"] * 4
-    return dict(gflops=gflops, gbs=gbs, gemm_s=flops / gflops / 1e9, select_s=score_bytes / gbs / 1e9,
-                flops=flops, score_bytes=score_bytes)
+    return dict(
+        gflops=gflops,
+        gbs=gbs,
+        gemm_s=flops / gflops / 1e9,
+        select_s=score_bytes / gbs / 1e9,
+        flops=flops,
+        score_bytes=score_bytes,
+    )
 
 
 def _compare_main(argv):
@@ -170,8 +176,10 @@ def _compare_main(argv):
         torch.set_num_threads(int(argv[1]))  # also sizes the cpu kernels' pool
     cpu = torch.device("cpu")
     inputs = make_inputs(PAPER, cpu)
-    print(f"paper sizes {shape_name(PAPER)} H={HEADS} d={HEAD_DIM} fp32, {torch.get_num_threads()} threads, "
-          f"{rounds} interleaved rounds, load average before {os.getloadavg()[0]:.2f}")
+    print(
+        f"paper sizes {shape_name(PAPER)} H={HEADS} d={HEAD_DIM} fp32, {torch.get_num_threads()} threads, "
+        f"{rounds} interleaved rounds, load average before {os.getloadavg()[0]:.2f}"
+    )
     best = {}
     for mode in MODES:
         steps = {impl: make_step(impl, mode, inputs, PAPER["K"]) for impl in ("naive", "torch", "cpu")}
@@ -179,15 +187,19 @@ def _compare_main(argv):
             times = interleaved_times(steps, rounds, clock)
             for impl, t in times.items():
                 best[mode, impl, clock_name] = t[0]
-                print(f"{mode:8s} {impl:6s} {clock_name:4s} best {t[0] * 1e3:8.1f} ms  median "
-                      f"{t[len(t) // 2] * 1e3:8.1f} ms  naive/{impl} (best) "
-                      f"{best[mode, 'naive', clock_name] / t[0]:6.1f}x")
+                print(
+                    f"{mode:8s} {impl:6s} {clock_name:4s} best {t[0] * 1e3:8.1f} ms  median "
+                    f"{t[len(t) // 2] * 1e3:8.1f} ms  naive/{impl} (best) "
+                    f"{best[mode, 'naive', clock_name] / t[0]:6.1f}x"
+                )
     lim = machine_limit()
-    print(f"GEMM {lim['gflops']:.0f} GFLOP/s, read bandwidth {lim['gbs']:.1f} GB/s: scores GEMM "
-          f"{lim['flops'] / 1e9:.2f} GFLOP -> {lim['gemm_s'] * 1e3:.1f} ms, one read of the "
-          f"{lim['score_bytes'] / 2**20:.0f} MiB of scores -> {lim['select_s'] * 1e3:.1f} ms; "
-          f"cpu fwd (best wall) = {best['fwd', 'cpu', 'wall'] / lim['gemm_s']:.2f}x the GEMM time; "
-          f"load average after {os.getloadavg()[0]:.2f}")
+    print(
+        f"GEMM {lim['gflops']:.0f} GFLOP/s, read bandwidth {lim['gbs']:.1f} GB/s: scores GEMM "
+        f"{lim['flops'] / 1e9:.2f} GFLOP -> {lim['gemm_s'] * 1e3:.1f} ms, one read of the "
+        f"{lim['score_bytes'] / 2**20:.0f} MiB of scores -> {lim['select_s'] * 1e3:.1f} ms; "
+        f"cpu fwd (best wall) = {best['fwd', 'cpu', 'wall'] / lim['gemm_s']:.2f}x the GEMM time; "
+        f"load average after {os.getloadavg()[0]:.2f}"
+    )
 
 
 def _status_bytes(field):

@@ -10,6 +10,7 @@ process: one warm-up call, then the median of up to ``--reps`` timed calls (fewe
 ``--max-seconds`` of timed calls have run); CPU peak memory is that process's RSS high-water
 mark, CUDA peak is max allocated. Cases run one after another, never in parallel.
 """
+
 import argparse
 import datetime
 import os
@@ -18,8 +19,8 @@ import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import e2e_cases  # noqa: E402
-from cmn.fsutil import write_atomic  # noqa: E402
+import e2e_cases
+from cmn.fsutil import write_atomic
 
 SCENARIO_TITLES = {
     "train_full": "Training iteration, full model",
@@ -78,8 +79,16 @@ def target_note(scenario, speedup, ratio):
 
 
 def summary_table(results, device, full):
-    head = ["scenario", "naive time", "default time", "speedup", "naive peak MB", "default peak MB",
-            "memory ratio", "target (issue 6)"]
+    head = [
+        "scenario",
+        "naive time",
+        "default time",
+        "speedup",
+        "naive peak MB",
+        "default peak MB",
+        "memory ratio",
+        "target (issue 6)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scenario in e2e_cases.SCENARIOS:
         naive = results.get((scenario, "naive", "fp32"))
@@ -89,8 +98,10 @@ def summary_table(results, device, full):
             default = results[(scenario, config, precision)]
             title = SCENARIO_TITLES[scenario] + VARIANT_TITLES[(config, precision)]
             if naive is None or default is None:
-                lines.append(f"| {title} | {fmt_time(naive)} | {fmt_time(default)} | - | {fmt_mb(naive)} | "
-                             f"{fmt_mb(default)} | - | failed, see notes |")
+                lines.append(
+                    f"| {title} | {fmt_time(naive)} | {fmt_time(default)} | - | {fmt_mb(naive)} | "
+                    f"{fmt_mb(default)} | - | failed, see notes |"
+                )
                 continue
             speedup = per_unit(naive) / per_unit(default)
             ratio = default["peak_bytes"] / naive["peak_bytes"]
@@ -100,22 +111,35 @@ def summary_table(results, device, full):
             elif (config, precision) == ("checkpointed", "bf16"):
                 met = "met" if ratio <= LOW_MEMORY_MAX_PEAK else "NOT met"
                 note = f"peak ≤1/3 (issue 16): {met}" if device == "cpu" and full else "n/a (quick sizes or GPU)"
-            lines.append(f"| {title} | {fmt_time(naive)} | {fmt_time(default)} | {speedup:.1f}x | {fmt_mb(naive)} | "
-                         f"{fmt_mb(default)} | {ratio:.2f} | {note} |")
+            lines.append(
+                f"| {title} | {fmt_time(naive)} | {fmt_time(default)} | {speedup:.1f}x | {fmt_mb(naive)} | "
+                f"{fmt_mb(default)} | {ratio:.2f} | {note} |"
+            )
     return lines
 
 
 def detail_table(results):
-    head = ["scenario", "config", "precision", "median s/call", "timed calls", "throughput", "peak MB",
-            "RSS/alloc before MB", "decoding steps"]
+    head = [
+        "scenario",
+        "config",
+        "precision",
+        "median s/call",
+        "timed calls",
+        "throughput",
+        "peak MB",
+        "RSS/alloc before MB",
+        "decoding steps",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (scenario, config, precision), r in results.items():
         if r is None:
             continue
         unit = "studies/s" if scenario == "generate" else "target tokens/s"
-        lines.append(f"| {scenario} | {config} | {precision} | {r['seconds']:.3f} | {len(r['times'])} | "
-                     f"{r['units_per_s']:.3g} {unit} | {fmt_mb(r)} | {r['base_bytes'] / 2**20:,.0f} | "
-                     f"{r.get('steps', '-')} |")
+        lines.append(
+            f"| {scenario} | {config} | {precision} | {r['seconds']:.3f} | {len(r['times'])} | "
+            f"{r['units_per_s']:.3g} {unit} | {fmt_mb(r)} | {r['base_bytes'] / 2**20:,.0f} | "
+            f"{r.get('steps', '-')} |"
+        )
     return lines
 
 
@@ -126,8 +150,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--reps", type=int, default=3, help="timed calls per case at most (after a warm-up)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="stop timing a case after this long")
-    parser.add_argument("--scenario", action="append", choices=e2e_cases.SCENARIOS,
-                        help="run only this scenario (repeatable; default: all)")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=e2e_cases.SCENARIOS,
+        help="run only this scenario (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
     sizes_name = "smoke" if args.quick else "full"
     reps = 1 if args.quick else args.reps
@@ -176,8 +204,11 @@ def main(argv=None):
     gen = [results.get(("generate", c, "fp32")) for c in ("naive", "default")]
     if all(gen):
         same = gen[0]["digest"] == gen[1]["digest"]
-        lines += ["", f"Generation outputs of naive and default {'identical' if same else 'DIFFER'} "
-                      f"(digests {gen[0]['digest']} / {gen[1]['digest']})."]
+        lines += [
+            "",
+            f"Generation outputs of naive and default {'identical' if same else 'DIFFER'} "
+            f"(digests {gen[0]['digest']} / {gen[1]['digest']}).",
+        ]
     lines += ["", "Failed cases:", ""] + [f"- {n}" for n in notes] if notes else []
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

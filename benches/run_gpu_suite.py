@@ -9,6 +9,7 @@ kernels) and measures its peak memory (CUDA: max allocated; CPU: RSS growth in a
 process). Naive cases that cannot fit are skipped with the reason printed and written in
 the table; a case that still runs out of memory is recorded as OOM.
 """
+
 import argparse
 import datetime
 import gc
@@ -18,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mq_cases  # noqa: E402
+import mq_cases
 
 
 def run_case(impl, mode, case, device):

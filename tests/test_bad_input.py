@@ -3,6 +3,7 @@
 Numbers are checked at the command-line edge (argparse types from ``cmn.config.BOUNDS``) and
 again when a checkpoint's ``config.json`` is read, before anything is allocated.
 """
+
 import json
 import os
 import subprocess
@@ -20,9 +21,36 @@ from cmn.metrics.cli import eval_main, label_main
 from cmn.model import build_model
 from cmn.text import Tokenizer
 
-TINY = ["--demo-size", "8", "4", "4", "--image-size", "64", "--batch-size", "4", "--num-workers", "0",
-        "--d-model", "32", "--d-ff", "32", "--num-heads", "4", "--num-layers", "1", "--memory-size", "32",
-        "--topk", "4", "--epochs", "1", "--beam-size", "2", "--no-progress", "--quiet"]
+TINY = [
+    "--demo-size",
+    "8",
+    "4",
+    "4",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "32",
+    "--num-heads",
+    "4",
+    "--num-layers",
+    "1",
+    "--memory-size",
+    "32",
+    "--topk",
+    "4",
+    "--epochs",
+    "1",
+    "--beam-size",
+    "2",
+    "--no-progress",
+    "--quiet",
+]
 
 
 def one_error_line(capsys, *needles):
@@ -35,16 +63,29 @@ def one_error_line(capsys, *needles):
 
 
 TRAIN_CASES = [
-    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-4"], "--batch-size"),
-    (["--num-workers", "-1"], "--num-workers"), (["--image-size", "0"], "--image-size"),
-    (["--num-heads", "0"], "--num-heads"), (["--d-model", "-5"], "--d-model"), (["--dropout", "1.5"], "--dropout"),
-    (["--step-size", "0"], "--step-size"), (["--weight-decay", "-1"], "--weight-decay"),
-    (["--max-seq-length", "0"], "--max-seq-length"), (["--max-seq-length", "1099511627776"], "--max-seq-length"),
-    (["--block-ngram", "-1"], "--block-ngram"), (["--demo-size", "0", "0", "0"], "--demo-size"),
-    (["--lr-ed", "-1e-3"], "--lr-ed"), (["--lr-ve", "nan"], "--lr-ve"), (["--gamma", "-0.5"], "--gamma"),
-    (["--epochs", "0"], "--epochs"), (["--beam-size", "3000000000"], "--beam-size"),
-    (["--batch-size", "four"], "--batch-size"), (["--topk", "1000"], "topk"),
-    (["--num-heads", "5"], "divisible"), (["--device", "tpu"], "--device"), (["--nonsense-flag"], "unrecognized"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--num-workers", "-1"], "--num-workers"),
+    (["--image-size", "0"], "--image-size"),
+    (["--num-heads", "0"], "--num-heads"),
+    (["--d-model", "-5"], "--d-model"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--step-size", "0"], "--step-size"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--max-seq-length", "0"], "--max-seq-length"),
+    (["--max-seq-length", "1099511627776"], "--max-seq-length"),
+    (["--block-ngram", "-1"], "--block-ngram"),
+    (["--demo-size", "0", "0", "0"], "--demo-size"),
+    (["--lr-ed", "-1e-3"], "--lr-ed"),
+    (["--lr-ve", "nan"], "--lr-ve"),
+    (["--gamma", "-0.5"], "--gamma"),
+    (["--epochs", "0"], "--epochs"),
+    (["--beam-size", "3000000000"], "--beam-size"),
+    (["--batch-size", "four"], "--batch-size"),
+    (["--topk", "1000"], "topk"),
+    (["--num-heads", "5"], "divisible"),
+    (["--device", "tpu"], "--device"),
+    (["--nonsense-flag"], "unrecognized"),
     (["--decode", "reference", "--beam-size", "1"], "--decode reference"),
     (["--resume", "--init-from", "x"], "--init-from"),
     (["--dataset", "iu_xray"], "--ann-path"),
@@ -71,10 +112,27 @@ def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     tok = Tokenizer.build(["the heart is normal .", "no effusion ."], 1, "iu_xray")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=len(tok), visual_extractor="resnet18", d_model=32, d_ff=32,
-                                    num_heads=4, num_layers=1, memory_size=16, topk=4, max_seq_length=8))
-    info = {"dataset": "iu_xray", "clean_rule": "iu_xray", "image_size": 64, "num_views": 2, "max_seq_length": 8,
-            "threshold": 1}
+    model = build_model(
+        ModelConfig(
+            vocab_size=len(tok),
+            visual_extractor="resnet18",
+            d_model=32,
+            d_ff=32,
+            num_heads=4,
+            num_layers=1,
+            memory_size=16,
+            topk=4,
+            max_seq_length=8,
+        )
+    )
+    info = {
+        "dataset": "iu_xray",
+        "clean_rule": "iu_xray",
+        "image_size": 64,
+        "num_views": 2,
+        "max_seq_length": 8,
+        "threshold": 1,
+    }
     save_checkpoint(root / "ckpt", model, tok, info)
     img = root / "img.png"
     Image.fromarray((np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)).save(img)
@@ -107,8 +165,8 @@ GENERATE_CASES = {
     "batch -1": (["--batch-size", "-1"], None, "--batch-size"),
     "format_version text": ([], lambda c, d: c.update(format_version="2"), "format_version"),
     "no num_views": ([], lambda c, d: c["data"].pop("num_views"), "num_views"),
-    "image_size huge": ([], lambda c, d: c["data"].update(image_size=10 ** 9), "image_size"),
-    "max_seq_length huge": ([], lambda c, d: c["model"].update(max_seq_length=10 ** 9), "max_seq_length"),
+    "image_size huge": ([], lambda c, d: c["data"].update(image_size=10**9), "image_size"),
+    "max_seq_length huge": ([], lambda c, d: c["model"].update(max_seq_length=10**9), "max_seq_length"),
     "d_model string": ([], lambda c, d: c["model"].update(d_model="32"), "d_model"),
     "model not object": ([], lambda c, d: c.update(model=[1, 2]), "model section"),
     "nan weights": ([], _nan_weights, "NaN"),
@@ -172,9 +230,20 @@ def test_full_stdout_is_one_error_line(tmp_path):
     src = tmp_path / "r.txt"
     src.write_text("no effusion .\n")
     with open("/dev/full", "w") as full:
-        proc = subprocess.run([sys.executable, "-c", "import sys; from cmn.metrics.cli import label_main; "
-                               "sys.exit(label_main(sys.argv[1:]))", str(src), "--output", str(tmp_path / "o.csv")],
-                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from cmn.metrics.cli import label_main; sys.exit(label_main(sys.argv[1:]))",
+                str(src),
+                "--output",
+                str(tmp_path / "o.csv"),
+            ],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: standard output") and proc.stderr.count("\n") == 1
 
@@ -204,8 +273,24 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path, capsys, demo_env
     victim = images / entry["image_path"][0]
     victim.write_bytes(victim.read_bytes()[:50])
     args = [a for a in TINY[4:] if a not in ("--num-workers", "0")]  # no --demo-size, no --num-workers 0
-    code = train_main(args + ["--num-workers", "1", "--dataset", "iu_xray", "--ann-path", str(ann),
-                              "--image-dir", str(images), "--visual-weights", "none", "--visual-extractor",
-                              "resnet18", "--output-dir", str(tmp_path / "run")])
+    code = train_main(
+        args
+        + [
+            "--num-workers",
+            "1",
+            "--dataset",
+            "iu_xray",
+            "--ann-path",
+            str(ann),
+            "--image-dir",
+            str(images),
+            "--visual-weights",
+            "none",
+            "--visual-extractor",
+            "resnet18",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2
     one_error_line(capsys, str(victim), "corrupt")

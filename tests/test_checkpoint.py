@@ -1,4 +1,5 @@
 """Checkpoint bundles: exact round trip, atomic writes, and clear errors for wrong bundles."""
+
 import json
 import os
 
@@ -7,10 +8,10 @@ import torch
 
 from cmn import checkpoint as ckpt
 from cmn.checkpoint import load_checkpoint, save_checkpoint
-from cmn.errors import CheckpointError
+from cmn.errors import CheckpointError, CMNError
 from cmn.model import build_model
 from cmn.text import Tokenizer
-from test_model import inputs, tiny_cfg
+from helpers.tiny import inputs, tiny_cfg
 
 REPORTS = ["The heart is normal in size. No pleural effusion.", "There is a small left pleural effusion."] * 3
 DATA_INFO = {"dataset": "iu_xray", "clean_rule": "iu_xray", "image_size": 64, "num_views": 2, "max_seq_length": 10}
@@ -80,7 +81,7 @@ def test_crash_while_writing_weights_leaves_old_bundle(bundle, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(Exception, match="No space left"):
+    with pytest.raises(CMNError, match="No space left"):
         save_checkpoint(path, model, tok, DATA_INFO, meta={"epoch": 9})
     monkeypatch.undo()
     assert load_checkpoint(path).meta == {"epoch": 3}

@@ -5,6 +5,7 @@ new one into place; delete the set-aside copy. Simulated kills stop the save at 
 filesystem steps (renames and deletions, a deletion also half done); real ``kill -9`` trials
 hit a saving process at random moments.
 """
+
 import itertools
 import os
 import shutil
@@ -23,8 +24,14 @@ from cmn.fsutil import remove_stale_temps
 from cmn.model import build_model
 from cmn.text import Tokenizer
 
-INFO = {"dataset": "iu_xray", "clean_rule": "iu_xray", "image_size": 64, "num_views": 2, "max_seq_length": 8,
-        "threshold": 1}
+INFO = {
+    "dataset": "iu_xray",
+    "clean_rule": "iu_xray",
+    "image_size": 64,
+    "num_views": 2,
+    "max_seq_length": 8,
+    "threshold": 1,
+}
 
 
 class Killed(BaseException):
@@ -35,8 +42,19 @@ class Killed(BaseException):
 def parts():
     tok = Tokenizer.build(["the heart is normal ."], 1, "iu_xray")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=len(tok), visual_extractor="resnet18", d_model=16, d_ff=16,
-                                    num_heads=2, num_layers=1, memory_size=8, topk=2, max_seq_length=8))
+    model = build_model(
+        ModelConfig(
+            vocab_size=len(tok),
+            visual_extractor="resnet18",
+            d_model=16,
+            d_ff=16,
+            num_heads=2,
+            num_layers=1,
+            memory_size=8,
+            topk=2,
+            max_seq_length=8,
+        )
+    )
     return model, tok
 
 
@@ -151,8 +169,9 @@ def test_kill_9_trials(tmp_path, parts):
         path = tmp_path / f"kill{trial}" / "last"
         _save(path, model, tok, 0)
         for round_ in range(2):
-            with subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(100 * round_)],
-                                  stdout=subprocess.PIPE, env=env) as proc:
+            with subprocess.Popen(
+                [sys.executable, "-c", SAVER, str(path), str(100 * round_)], stdout=subprocess.PIPE, env=env
+            ) as proc:
                 assert proc.stdout.readline().strip() == b"ready"
                 time.sleep(rng.uniform(0.02, 0.6))
                 proc.send_signal(signal.SIGKILL)

@@ -1,4 +1,5 @@
 """cmn-train and cmn-generate end to end on a tiny demo configuration, and their bad inputs."""
+
 import json
 import os
 import shutil
@@ -10,17 +11,46 @@ import pytest
 
 from cmn.cli import generate_main, train_main
 
-TINY = ["--dataset", "demo", "--demo-size", "8", "4", "4", "--image-size", "64", "--batch-size", "4",
-        "--num-workers", "0", "--d-model", "32", "--d-ff", "32", "--num-heads", "4", "--num-layers", "1",
-        "--memory-size", "32", "--topk", "4", "--epochs", "1", "--beam-size", "2", "--no-progress"]
+TINY = [
+    "--dataset",
+    "demo",
+    "--demo-size",
+    "8",
+    "4",
+    "4",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "32",
+    "--num-heads",
+    "4",
+    "--num-layers",
+    "1",
+    "--memory-size",
+    "32",
+    "--topk",
+    "4",
+    "--epochs",
+    "1",
+    "--beam-size",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    os.environ["CMN_DEMO_DIR"] = str(root / "demo")
-    out = root / "run"
-    assert train_main(TINY + ["--output-dir", str(out), "--quiet"]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # set for this module's training only, restored after
+        mp.setenv("CMN_DEMO_DIR", str(root / "demo"))
+        out = root / "run"
+        assert train_main(TINY + ["--output-dir", str(out), "--quiet"]) == 0
     return root, out
 
 
@@ -61,8 +91,7 @@ def test_generate_from_study_folders_and_list(trained, tmp_path, capsys):
         d.mkdir(parents=True)
         for j, v in enumerate(demo_study(root, i)):
             shutil.copy(v, d / f"{j}.png")
-    assert generate_main(["--checkpoint", str(out / "checkpoint"), "--format", "jsonl",
-                          str(tmp_path / "studies")]) == 0
+    assert generate_main(["--checkpoint", str(out / "checkpoint"), "--format", "jsonl", str(tmp_path / "studies")]) == 0
     recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in recs] == ["s0", "s1"]
     lst = tmp_path / "list.txt"
@@ -74,10 +103,17 @@ def test_generate_from_study_folders_and_list(trained, tmp_path, capsys):
 def test_console_scripts_run_as_installed(trained):
     root, out = trained
     exe = Path(sys.executable).parent / "cmn-generate"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from cmn.cli import generate_main; "
-                                           "import sys; sys.exit(generate_main())"]
-    proc = subprocess.run(cmd + ["--checkpoint", str(out / "checkpoint"), *demo_study(root, 2)],
-                          capture_output=True, text=True, timeout=300)
+    cmd = (
+        [str(exe)]
+        if exe.exists()
+        else [sys.executable, "-c", "from cmn.cli import generate_main; import sys; sys.exit(generate_main())"]
+    )
+    proc = subprocess.run(
+        cmd + ["--checkpoint", str(out / "checkpoint"), *demo_study(root, 2)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 1
 
@@ -108,15 +144,30 @@ def test_generate_bad_inputs(trained, tmp_path, capsys, case):
 def test_train_bad_inputs(tmp_path, capsys):
     cases = [
         (["--dataset", "iu_xray"], "--ann-path FILE and --image-dir DIR"),
-        (["--dataset", "iu_xray", "--ann-path", str(tmp_path / "a.json"), "--image-dir", str(tmp_path)],
-         "a.json: no such file"),
+        (
+            ["--dataset", "iu_xray", "--ann-path", str(tmp_path / "a.json"), "--image-dir", str(tmp_path)],
+            "a.json: no such file",
+        ),
         (TINY + ["--device", "cuda:7"], "--device cuda:7"),
         (TINY + ["--topk", "64"], "--topk"),
     ]
     notjson = tmp_path / "ann.json"
     notjson.write_text("{oops")
-    cases.append((["--dataset", "iu_xray", "--ann-path", str(notjson), "--image-dir", str(tmp_path),
-                   "--output-dir", str(tmp_path / "o")], "ann.json"))
+    cases.append(
+        (
+            [
+                "--dataset",
+                "iu_xray",
+                "--ann-path",
+                str(notjson),
+                "--image-dir",
+                str(tmp_path),
+                "--output-dir",
+                str(tmp_path / "o"),
+            ],
+            "ann.json",
+        )
+    )
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

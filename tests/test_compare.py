@@ -1,13 +1,43 @@
 """cmn-compare: variants x seeds and a sweep, tiny, end to end (runs are normal run folders)."""
+
 import json
 
 import pytest
 
 from cmn.compare import main, plan, summarize
 
-TINY = ["--demo-size", "8", "4", "4", "--image-size", "32", "--batch-size", "4", "--num-workers", "0",
-        "--d-model", "16", "--d-ff", "16", "--num-heads", "2", "--num-layers", "1", "--memory-size", "16",
-        "--topk", "4", "--epochs", "1", "--beam-size", "2", "--no-progress", "--quiet", "--eval-max-batches", "1"]
+TINY = [
+    "--demo-size",
+    "8",
+    "4",
+    "4",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--d-model",
+    "16",
+    "--d-ff",
+    "16",
+    "--num-heads",
+    "2",
+    "--num-layers",
+    "1",
+    "--memory-size",
+    "16",
+    "--topk",
+    "4",
+    "--epochs",
+    "1",
+    "--beam-size",
+    "2",
+    "--no-progress",
+    "--quiet",
+    "--eval-max-batches",
+    "1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -45,18 +75,22 @@ def test_variants_and_seeds_end_to_end(tmp_path, capsys):
 def test_sweep_writes_a_plot(tmp_path):
     out = tmp_path / "sweep"
     i = TINY.index("--memory-size")
-    args = TINY[:i] + TINY[i + 2:]  # the sweep sets it
-    assert main(["--model", "cmn", "--seeds", "0", "--sweep", "memory_size=8,16", "--output-dir", str(out),
-                 *args]) == 0
+    args = TINY[:i] + TINY[i + 2 :]  # the sweep sets it
+    assert main(["--model", "cmn", "--seeds", "0", "--sweep", "memory_size=8,16", "--output-dir", str(out), *args]) == 0
     result = json.loads((out / "comparison.json").read_text())
     assert set(result["summary"]) == {"memory_size=8", "memory_size=16"}
     assert (out / "sweep_memory_size.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--model", "cmn,transformer"], "--model"), (["--seeds", "0,x"], "--seeds"),
-    (["--sweep", "lr=1,2"], "--sweep"), (["--seed", "3"], "--seed"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model", "cmn,transformer"], "--model"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--sweep", "lr=1,2"], "--sweep"),
+        (["--seed", "3"], "--seed"),
+    ],
+)
 def test_bad_arguments(args, needle, tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path / "o"), *args]) == 2
     err = capsys.readouterr().err

@@ -4,6 +4,7 @@ The fixtures under tests/fixtures/r2gencmn/ were produced by running zhjohnchan/
 (tests/fixtures/make_reference_fixtures.py); the CNN weights and images are regenerated here
 bit for bit (tests/helpers/r2gencmn_fixture.py).
 """
+
 import json
 import os
 
@@ -24,7 +25,9 @@ DATASETS = list(SETTINGS)
 
 def reference(dataset):
     root = FIXTURE_DIR / dataset
-    return json.loads((root / "reference_outputs.json").read_text()), load_file(str(root / "reference_outputs.safetensors"))
+    return json.loads((root / "reference_outputs.json").read_text()), load_file(
+        str(root / "reference_outputs.safetensors")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,27 @@ def converted(tmp_path_factory):
         ann = json.loads(ann_path.read_text())
         write_images(ann, root / "images", key=SETTINGS[dataset]["seed"])
         bundle = root / "bundle"
-        assert convert_main(["r2gencmn", "--checkpoint", str(pth), "--ann-path", str(ann_path), "--dataset", dataset,
-                             "--output", str(bundle), "--topk", "8", "--num-heads", "4", "--keep-optimizer"]) == 0
+        assert (
+            convert_main(
+                [
+                    "r2gencmn",
+                    "--checkpoint",
+                    str(pth),
+                    "--ann-path",
+                    str(ann_path),
+                    "--dataset",
+                    dataset,
+                    "--output",
+                    str(bundle),
+                    "--topk",
+                    "8",
+                    "--num-heads",
+                    "4",
+                    "--keep-optimizer",
+                ]
+            )
+            == 0
+        )
         out[dataset] = (bundle, root / "images", ann, pth)
     return out
 
@@ -69,7 +91,7 @@ def test_vocabulary_and_targets_match_the_reference(dataset, converted):
     L = SETTINGS[dataset]["max_seq_length"]
     ours = torch.from_numpy(loaded.tokenizer.encode_batch([e["report"] for e in ann["test"]], L))
     theirs = tensors["targets"]
-    assert torch.equal(ours[:, : theirs.shape[1]], theirs) and not ours[:, theirs.shape[1]:].any()
+    assert torch.equal(ours[:, : theirs.shape[1]], theirs) and not ours[:, theirs.shape[1] :].any()
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -85,7 +107,7 @@ def test_teacher_forced_logprobs_equal_the_reference(dataset, dtype, bound, conv
         got = model(images.to(dtype), targets)  # (B, T-1, V) in dtype
     assert got.dtype == dtype
     lengths = (targets > 0).sum(1) + 1  # tokens to predict: words and EOS
-    diff = max(float((got[i, : n] - want[i, : n]).abs().max()) for i, n in enumerate(lengths.tolist()))
+    diff = max(float((got[i, :n] - want[i, :n]).abs().max()) for i, n in enumerate(lengths.tolist()))
     print(f"{dataset} {dtype}: max |log p - reference| = {diff:.3g}")
     assert diff <= bound
 
@@ -124,10 +146,15 @@ def test_optimizer_state_follows_the_parameters(converted):
     assert saved["param_groups"][0]["lr"] == ref.optimizer["param_groups"][0]["lr"]
     # the reference's optimizer order: visual extractor parameters, then the others, each in
     # registration order (its state-dict order without buffers and the shared memory's twin)
-    ref_params = [k for k in ref.order if not k.endswith(("running_mean", "running_var", "num_batches_tracked", ".pe"))
-                  and not k.startswith("encoder_decoder.model.cmn.")]
-    ref_params = [k for k in ref_params if k.startswith("visual_extractor.")] + \
-                 [k for k in ref_params if not k.startswith("visual_extractor.")]
+    ref_params = [
+        k
+        for k in ref.order
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked", ".pe"))
+        and not k.startswith("encoder_decoder.model.cmn.")
+    ]
+    ref_params = [k for k in ref_params if k.startswith("visual_extractor.")] + [
+        k for k in ref_params if not k.startswith("visual_extractor.")
+    ]
     own = dict(model.named_parameters())
     for i, state in ref.optimizer["state"].items():
         name = names[ref_params[int(i)]]
@@ -142,10 +169,36 @@ def test_init_from_a_converted_bundle_trains(converted, tmp_path):
 
     bundle, images, _, _ = converted["iu_xray"]
     out = tmp_path / "ft"
-    code = train_main(["--dataset", "iu_xray", "--ann-path", str(FIXTURE_DIR / "iu_xray" / "annotation.json"),
-                       "--image-dir", str(images), "--init-from", str(bundle), "--epochs", "1", "--batch-size", "8",
-                       "--num-workers", "0", "--image-size", "64", "--topk", "8", "--beam-size", "2",
-                       "--output-dir", str(out), "--no-progress", "--quiet", "--eval-max-batches", "1"])
+    code = train_main(
+        [
+            "--dataset",
+            "iu_xray",
+            "--ann-path",
+            str(FIXTURE_DIR / "iu_xray" / "annotation.json"),
+            "--image-dir",
+            str(images),
+            "--init-from",
+            str(bundle),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--image-size",
+            "64",
+            "--topk",
+            "8",
+            "--beam-size",
+            "2",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--quiet",
+            "--eval-max-batches",
+            "1",
+        ]
+    )
     assert code == 0
     tuned = load_checkpoint(out / "last")
     assert tuned.config.d_model == 32 and len(tuned.tokenizer) == len(load_checkpoint(bundle).tokenizer)
@@ -155,16 +208,46 @@ def test_init_from_refuses_another_architecture(converted, capsys, tmp_path):
     from cmn.cli import train_main
 
     bundle = converted["iu_xray"][0]
-    code = train_main(["--dataset", "iu_xray", "--ann-path", "x", "--image-dir", "y", "--init-from", str(bundle),
-                       "--d-model", "64", "--output-dir", str(tmp_path / "o")])
+    code = train_main(
+        [
+            "--dataset",
+            "iu_xray",
+            "--ann-path",
+            "x",
+            "--image-dir",
+            "y",
+            "--init-from",
+            str(bundle),
+            "--d-model",
+            "64",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "d_model: 32 in the checkpoint vs 64 asked" in capsys.readouterr().err
 
 
 # ---- bad input ------------------------------------------------------------------------------
 def _convert(tmp_path, pth, *extra, dataset="iu_xray", ann=None):
     ann = ann or FIXTURE_DIR / dataset / "annotation.json"
-    return convert_main(["r2gencmn", "--checkpoint", str(pth), "--ann-path", str(ann), "--dataset", dataset,
-                         "--output", str(tmp_path / "out"), "--topk", "8", "--num-heads", "4", *extra])
+    return convert_main(
+        [
+            "r2gencmn",
+            "--checkpoint",
+            str(pth),
+            "--ann-path",
+            str(ann),
+            "--dataset",
+            dataset,
+            "--output",
+            str(tmp_path / "out"),
+            "--topk",
+            "8",
+            "--num-heads",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def _one_error_line(capsys):
@@ -210,8 +293,9 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("case", ["payload", "nested", "truncated", "list", "keys", "r2gen", "other_model",
-                                  "nan", "missing_tensor", "heads"])
+@pytest.mark.parametrize(
+    "case", ["payload", "nested", "truncated", "list", "keys", "r2gen", "other_model", "nan", "missing_tensor", "heads"]
+)
 def test_bad_checkpoints_are_one_error_line(case, converted, tmp_path, capsys):
     pth, bad = converted["iu_xray"][3], tmp_path / "bad.pth"
     marker = tmp_path / "pwned"
@@ -242,9 +326,18 @@ def test_bad_checkpoints_are_one_error_line(case, converted, tmp_path, capsys):
         torch.save({"epoch": 1, "state_dict": state, "optimizer": {}, "monitor_best": np.float64(0.1)}, bad)
     assert _convert(tmp_path, bad, *extra) == 2
     err = _one_error_line(capsys)
-    expected = {"payload": "posix.system", "nested": "posix.system", "truncated": "truncated", "list": "holds a list",
-                "keys": "found args, model", "r2gen": "R2Gen checkpoint", "other_model": "not an R2GenCMN checkpoint",
-                "nan": "NaN", "missing_tensor": "missing 1 tensor", "heads": "does not divide"}[case]
+    expected = {
+        "payload": "posix.system",
+        "nested": "posix.system",
+        "truncated": "truncated",
+        "list": "holds a list",
+        "keys": "found args, model",
+        "r2gen": "R2Gen checkpoint",
+        "other_model": "not an R2GenCMN checkpoint",
+        "nan": "NaN",
+        "missing_tensor": "missing 1 tensor",
+        "heads": "does not divide",
+    }[case]
     assert expected in err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -270,9 +363,27 @@ def test_published_model_pipeline(dataset, converted, capsys, tmp_path):
 
     bundle, images, ann, _ = converted[dataset]
     record, _ = reference(dataset)
-    assert generate_main(["--checkpoint", str(bundle), "--annotation", str(FIXTURE_DIR / dataset / "annotation.json"),
-                          "--image-dir", str(images), "--split", "test", "--decode", "reference", "--format", "jsonl",
-                          "--device", "cpu"]) == 0
+    assert (
+        generate_main(
+            [
+                "--checkpoint",
+                str(bundle),
+                "--annotation",
+                str(FIXTURE_DIR / dataset / "annotation.json"),
+                "--image-dir",
+                str(images),
+                "--split",
+                "test",
+                "--decode",
+                "reference",
+                "--format",
+                "jsonl",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["id"] for r in rows] == [e["id"] for e in ann["test"]]  # the reference's test order
     assert [r["prediction"] for r in rows] == record["beam3_reports"]

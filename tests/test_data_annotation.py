@@ -1,4 +1,5 @@
 """cmn.data.annotation: R2Gen annotation parsing and its error messages."""
+
 import json
 
 import pytest

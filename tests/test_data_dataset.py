@@ -1,4 +1,5 @@
 """cmn.data.dataset: construction-time checks, item shapes, collate padding, the image cache path."""
+
 import numpy as np
 import pytest
 import torch

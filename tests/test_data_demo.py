@@ -1,4 +1,5 @@
 """cmn.data.demo: deterministic, atomic generation; reports that the images determine."""
+
 import hashlib
 import json
 import re

@@ -1,6 +1,7 @@
 """Beam and greedy search: the native bookkeeping driven by torch must return what the
 plain Python beam search of :mod:`cmn.text_ref` returns, block n-grams for any beam
 size, and drop finished items from the decoder."""
+
 import hashlib
 import itertools
 
@@ -67,7 +68,13 @@ def run(model, batch, beam, max_len, **kw):
 
 @pytest.mark.parametrize(
     "batch, beam, max_len, vocab, n_best, eos_bias",
-    [(1, 1, 6, 7, 1, 0.0), (3, 2, 8, 11, 2, 1.0), (4, 3, 12, 20, 1, 2.0), (2, 5, 10, 30, 3, 3.0), (16, 3, 15, 50, 3, 2.5)],
+    [
+        (1, 1, 6, 7, 1, 0.0),
+        (3, 2, 8, 11, 2, 1.0),
+        (4, 3, 12, 20, 1, 2.0),
+        (2, 5, 10, 30, 3, 3.0),
+        (16, 3, 15, 50, 3, 2.5),
+    ],
 )
 def test_equals_reference_on_random_score_tables(batch, beam, max_len, vocab, n_best, eos_bias):
     for seed in range(4):
@@ -80,8 +87,13 @@ def test_equals_reference_on_random_score_tables(batch, beam, max_len, vocab, n_
 def test_equals_reference_with_blocking_and_length_penalty(ngram, length_penalty):
     for seed in range(3):
         got, want, _ = run(
-            TableModel(12, seed, sharpness=1.0, eos_bias=-2.0), 3, 3, 14,
-            no_repeat_ngram_size=ngram, length_penalty=length_penalty, n_best=3,
+            TableModel(12, seed, sharpness=1.0, eos_bias=-2.0),
+            3,
+            3,
+            14,
+            no_repeat_ngram_size=ngram,
+            length_penalty=length_penalty,
+            n_best=3,
         )
         assert [[(h.tokens, h.score) for h in item] for item in got] == [[tuple(h) for h in item] for item in want]
 
@@ -162,9 +174,15 @@ def test_bookkeeping_rejects_bad_input():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(batch_size=1, beam_size=2**31, max_len=1), "beam_size must be an integer from 1 to 1048576, got 2147483648"),
+        (
+            dict(batch_size=1, beam_size=2**31, max_len=1),
+            "beam_size must be an integer from 1 to 1048576, got 2147483648",
+        ),
         (dict(batch_size=2**40, beam_size=1, max_len=1), "batch_size must be an integer from 1 to 1048576"),
-        (dict(batch_size=2**10, beam_size=2**10 + 1, max_len=1), "batch_size \\* beam_size must be at most 1048576 rows"),
+        (
+            dict(batch_size=2**10, beam_size=2**10 + 1, max_len=1),
+            "batch_size \\* beam_size must be at most 1048576 rows",
+        ),
         (dict(batch_size=-1, beam_size=1, max_len=1), "batch_size must be an integer from 1 to 1048576, got -1"),
         (dict(batch_size=1, beam_size=1, max_len=2**64), "max_len must be an integer from 1 to 9223372036854775807"),
         (dict(batch_size=1, beam_size=1, max_len=1, eos_id=-1), "eos_id must be an integer from 0"),

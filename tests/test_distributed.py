@@ -1,4 +1,5 @@
 """DistributedDataParallel on 2 CPU processes (gloo) matches one process on the same global batch."""
+
 import json
 import os
 import subprocess
@@ -35,10 +36,43 @@ def test_two_gloo_ranks_match_single_process_steps(tmp_path):
 
 def test_cmn_train_under_torchrun_checkpoints_on_rank0(tmp_path):
     out = tmp_path / "run"
-    args = ["-m", "cmn.cli", "--dataset", "demo", "--demo-size", "8", "4", "4", "--image-size", "64",
-            "--batch-size", "4", "--num-workers", "0", "--d-model", "32", "--d-ff", "32", "--num-heads", "4",
-            "--num-layers", "1", "--memory-size", "32", "--topk", "4", "--epochs", "1", "--beam-size", "2",
-            "--no-progress", "--visual-weights", "none", "--output-dir", str(out)]
+    args = [
+        "-m",
+        "cmn.cli",
+        "--dataset",
+        "demo",
+        "--demo-size",
+        "8",
+        "4",
+        "4",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--d-model",
+        "32",
+        "--d-ff",
+        "32",
+        "--num-heads",
+        "4",
+        "--num-layers",
+        "1",
+        "--memory-size",
+        "32",
+        "--topk",
+        "4",
+        "--epochs",
+        "1",
+        "--beam-size",
+        "2",
+        "--no-progress",
+        "--visual-weights",
+        "none",
+        "--output-dir",
+        str(out),
+    ]
     torchrun(args, tmp_path, CMN_DEMO_DIR=str(tmp_path / "demo"))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1

@@ -1,21 +1,31 @@
 """cmn-eval --html: one row per study, disagreeing findings highlighted, sortable by BLEU-4."""
+
 import json
 import re
 
 import pytest
 
 from cmn.metrics.cli import eval_main
-from cmn.viz.eval_page import disagreements, marked_text, per_study_bleu4, render_eval_page
 from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS, label_reports
+from cmn.viz.eval_page import disagreements, marked_text, per_study_bleu4, render_eval_page
 from helpers.browser import chromium, console_errors, open_page
 
 ROWS = [
-    {"id": "a", "prediction": "the heart is normal . there is a small left pleural effusion .",
-     "reference": "the heart is normal . no pleural effusion ."},
-    {"id": "b", "prediction": "the heart is normal . no pneumothorax .",
-     "reference": "the heart is normal . no pneumothorax ."},
-    {"id": "c", "prediction": "the lungs are clear . no pneumothorax .",
-     "reference": "there is a right apical pneumothorax . <script>alert(1)</script>"},
+    {
+        "id": "a",
+        "prediction": "the heart is normal . there is a small left pleural effusion .",
+        "reference": "the heart is normal . no pleural effusion .",
+    },
+    {
+        "id": "b",
+        "prediction": "the heart is normal . no pneumothorax .",
+        "reference": "the heart is normal . no pneumothorax .",
+    },
+    {
+        "id": "c",
+        "prediction": "the lungs are clear . no pneumothorax .",
+        "reference": "there is a right apical pneumothorax . <script>alert(1)</script>",
+    },
 ]
 
 
@@ -50,11 +60,16 @@ def test_cli_writes_the_page_and_the_browser_sorts_it(preds, tmp_path, capsys):
     assert "BLEU_4" in capsys.readouterr().out
     with chromium() as driver:
         open_page(driver, out)
-        ids = lambda: [r.get_attribute("data-id") for r in driver.find_elements("css selector", "table.studies tbody tr")]
+
+        def ids():
+            return [r.get_attribute("data-id") for r in driver.find_elements("css selector", "table.studies tbody tr")]
+
         assert ids() == ["a", "b", "c"]
         button = driver.find_element("css selector", "button[data-sort=bleu]")
         button.click()
-        bleus = [float(r.get_attribute("data-bleu")) for r in driver.find_elements("css selector", "table.studies tbody tr")]
+        bleus = [
+            float(r.get_attribute("data-bleu")) for r in driver.find_elements("css selector", "table.studies tbody tr")
+        ]
         assert bleus == sorted(bleus) and ids()[-1] == "b"
         button.click()
         assert ids()[0] == "b"
@@ -63,7 +78,18 @@ def test_cli_writes_the_page_and_the_browser_sorts_it(preds, tmp_path, capsys):
 
 
 def test_unwritable_html_path_is_one_error_line(preds, tmp_path, capsys):
-    assert eval_main(["--predictions", str(preds), "--no-meteor", "--no-clinical",
-                      "--html", str(tmp_path / "missing" / "r.html")]) == 2
+    assert (
+        eval_main(
+            [
+                "--predictions",
+                str(preds),
+                "--no-meteor",
+                "--no-clinical",
+                "--html",
+                str(tmp_path / "missing" / "r.html"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "r.html" in err[0]

@@ -1,5 +1,6 @@
 """cmn-explain's page as a user sees it: headless Chromium renders it, its images decode, the
 console stays clean, and clicking a word redraws the heatmap."""
+
 import io
 
 import numpy as np

@@ -1,4 +1,5 @@
 """cmn-explain end to end: the HTML page, PNG figures, page size, and bad input."""
+
 import json
 import re
 
@@ -24,8 +25,10 @@ def test_html_page_is_self_contained(setup, tmp_path, capsys):
     listing = tmp_path / "studies.txt"
     listing.write_text(" ".join(map(str, demo_views(demo, "test", 1))) + "\n")
     out = tmp_path / "page.html"
-    assert main(["--checkpoint", str(ckpt), *map(str, demo_views(demo)), "--list", str(listing),
-                 "--output", str(out)]) == 0
+    assert (
+        main(["--checkpoint", str(ckpt), *map(str, demo_views(demo)), "--list", str(listing), "--output", str(out)])
+        == 0
+    )
     assert "explained 2 studies" in capsys.readouterr().out
     html = out.read_text(encoding="utf-8")
     assert html.count('<section class="study"') == 2
@@ -39,16 +42,40 @@ def test_html_page_is_self_contained(setup, tmp_path, capsys):
 def test_png_figures(setup, tmp_path):
     demo, ckpt = setup
     out = tmp_path / "figs"
-    assert main(["--checkpoint", str(ckpt), *map(str, demo_views(demo)), "--format", "png", "--max-len", "3",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                *map(str, demo_views(demo)),
+                "--format",
+                "png",
+                "--max-len",
+                "3",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (study,) = out.iterdir()
     assert (study / "overview.png").is_file()
     words = sorted((study / "words").iterdir())
     assert len(words) == 3 and all(p.suffix == ".png" and p.stat().st_size > 1000 for p in words)
 
 
-@pytest.mark.parametrize("case", ["missing folder", "output is a folder", "output is a file", "no checkpoint",
-                                  "missing image", "no studies", "odd image count"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing folder",
+        "output is a folder",
+        "output is a file",
+        "no checkpoint",
+        "missing image",
+        "no studies",
+        "odd image count",
+    ],
+)
 def test_bad_input_is_one_error_line(setup, tmp_path, capsys, case):
     demo, ckpt = setup
     views = list(map(str, demo_views(demo)))
@@ -89,9 +116,41 @@ def _iu_sized_explanation(i, frontal, lateral):
 
     ps, pw = selection(V * h * w)
     ws, ww = selection(T)
-    words = tuple(("there is a small left pleural effusion . the heart is mildly enlarged .".split() * 5)[:T])
-    return Explanation(str(i), words, " ".join(words), (frontal, lateral), att, ps.reshape(V, h, w, H, K),
-                       pw.reshape(V, h, w, H, K), ws, ww, True, np.full(14, np.nan), entities_of(words))
+    words = tuple(
+        (
+            [
+                "there",
+                "is",
+                "a",
+                "small",
+                "left",
+                "pleural",
+                "effusion",
+                ".",
+                "the",
+                "heart",
+                "is",
+                "mildly",
+                "enlarged",
+                ".",
+            ]
+            * 5
+        )[:T]
+    )
+    return Explanation(
+        str(i),
+        words,
+        " ".join(words),
+        (frontal, lateral),
+        att,
+        ps.reshape(V, h, w, H, K),
+        pw.reshape(V, h, w, H, K),
+        ws,
+        ww,
+        True,
+        np.full(14, np.nan),
+        entities_of(words),
+    )
 
 
 def test_a_page_of_100_studies_stays_under_20_mb():

@@ -1,4 +1,5 @@
 """Where the demo generator drew each finding, and the localisation measure built on it."""
+
 import json
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 
 from cmn.data.demo import store as demo_mod
 from cmn.explain.core import Explanation, entities_of
-from cmn.metrics.clinical import label_reports
 from cmn.explain.localisation import Tally, finding_word, hit, main, patch_coverage, score_study
+from cmn.metrics.clinical import label_reports
 from helpers.explain_fixtures import IMAGE_SIZE, demo_data, tiny_bundle
 
 
@@ -77,12 +78,13 @@ def _explanation(words, peak):
     att[(0, slice(None)) + peak] = 0.3
     att /= att.sum(axis=(2, 3, 4), keepdims=True)
     labels = label_reports([" ".join(words)])[0]
-    return Explanation("s", tuple(words), " ".join(words), (), att, None, None, None, None, False, labels,
-                       entities_of(words))
+    return Explanation(
+        "s", tuple(words), " ".join(words), (), att, None, None, None, None, False, labels, entities_of(words)
+    )
 
 
 def test_score_study_counts_only_stated_findings():
-    words = "no pleural effusion . there is a right apical pneumothorax .".split()
+    words = ["no", "pleural", "effusion", ".", "there", "is", "a", "right", "apical", "pneumothorax", "."]
     e = _explanation(words, (0, 0, 0))
     assert finding_word(e, "effusion") is None  # negated: not scored
     assert finding_word(e, "pneumothorax") == words.index("pneumothorax")
@@ -92,8 +94,12 @@ def test_score_study_counts_only_stated_findings():
     bottom[6:, :] = True
     tally = Tally()
     score_study(e, {"pneumothorax": (top_left, top_left), "effusion": (bottom, bottom)}, tally)
-    assert tally.summary() == {"cases": 1, "attention_rate": 1.0, "attention_layer_1_rate": 1.0,
-                               "chance_rate": pytest.approx(0.25)}
+    assert tally.summary() == {
+        "cases": 1,
+        "attention_rate": 1.0,
+        "attention_layer_1_rate": 1.0,
+        "chance_rate": pytest.approx(0.25),
+    }
     score_study(_explanation(words, (1, 1, 1)), {"pneumothorax": (top_left, top_left)}, tally)
     assert tally.summary()["attention_rate"] == 0.5 and tally.by_finding["pneumothorax"].cases == 2
 

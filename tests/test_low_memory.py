@@ -1,8 +1,9 @@
 """--low-memory: the flag, its one conflict, and a tiny run that really trains in bf16 with checkpointing."""
+
 import pytest
 
 from cmn.cli import configs_from_args, train_main, train_parser
-from test_train import tiny_run
+from helpers.tiny import tiny_run
 
 
 @pytest.fixture(autouse=True)

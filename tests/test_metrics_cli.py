@@ -1,4 +1,5 @@
 """cmn-eval and cmn-label end to end, and their errors on bad input."""
+
 import csv
 import json
 
@@ -8,10 +9,16 @@ from cmn.metrics import CHEXPERT_OBSERVATIONS
 from cmn.metrics.cli import eval_main, label_main
 
 ROWS = [
-    {"id": "s1", "prediction": "the heart size is normal . no pleural effusion or pneumothorax .",
-     "reference": "the heart size is normal . there is no pleural effusion or pneumothorax ."},
-    {"id": "s2", "prediction": "moderate cardiomegaly . small left pleural effusion .",
-     "reference": "moderate cardiomegaly . small bilateral pleural effusions ."},
+    {
+        "id": "s1",
+        "prediction": "the heart size is normal . no pleural effusion or pneumothorax .",
+        "reference": "the heart size is normal . there is no pleural effusion or pneumothorax .",
+    },
+    {
+        "id": "s2",
+        "prediction": "moderate cardiomegaly . small left pleural effusion .",
+        "reference": "moderate cardiomegaly . small bilateral pleural effusions .",
+    },
     {"id": "s3", "prediction": "the lungs are clear .", "reference": "right lower lobe pneumonia ."},
 ]
 
@@ -49,13 +56,25 @@ def test_eval_csv_without_meteor_or_clinical(tmp_path, capsys):
 
 
 def test_eval_with_annotation_split(tmp_path):
-    ann = {"test": [{"id": r["id"], "report": r["reference"].upper(), "image_path": []} for r in ROWS],
-           "train": []}
+    ann = {"test": [{"id": r["id"], "report": r["reference"].upper(), "image_path": []} for r in ROWS], "train": []}
     (tmp_path / "annotation.json").write_text(json.dumps(ann), encoding="utf-8")
     preds = _jsonl(tmp_path / "p.jsonl", [{"id": r["id"], "prediction": r["prediction"]} for r in ROWS[:2]])
     out = tmp_path / "s.json"
-    code = eval_main(["--predictions", str(preds), "--annotation", str(tmp_path / "annotation.json"),
-                      "--split", "test", "--dataset", "mimic_cxr", "--no-meteor", "--output", str(out)])
+    code = eval_main(
+        [
+            "--predictions",
+            str(preds),
+            "--annotation",
+            str(tmp_path / "annotation.json"),
+            "--split",
+            "test",
+            "--dataset",
+            "mimic_cxr",
+            "--no-meteor",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     assert json.loads(out.read_text())["n"] == 2
 
@@ -64,8 +83,10 @@ def test_eval_with_annotation_split(tmp_path):
     "content, message",
     [
         (b"", "empty"),
-        (b'{"id": "a", "prediction": "x", "reference": "y"}\n{"id": "a", "prediction": "x", "reference": "y"}\n',
-         "duplicate id 'a'"),
+        (
+            b'{"id": "a", "prediction": "x", "reference": "y"}\n{"id": "a", "prediction": "x", "reference": "y"}\n',
+            "duplicate id 'a'",
+        ),
         (b'{"id": "a", "prediction": "x"}\n', "lacks field"),
         (b'{"id": "a", "prediction": "\xff\xfe", "reference": "y"}\n', "not UTF-8"),
         (b'{"id": "a", "prediction": ', "not valid JSON"),

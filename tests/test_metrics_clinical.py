@@ -1,4 +1,5 @@
 """Golden cases for the offline CheXpert-style labeler, and CE metric arithmetic."""
+
 import math
 import re
 
@@ -95,8 +96,10 @@ GOLDEN = [
     # Pleural Effusion
     ("Small bilateral pleural effusions.", {"Pleural Effusion": P}),
     ("No effusion or pneumothorax.", {"Pleural Effusion": N, "Pneumothorax": N}),
-    ("No pleural effusion, pneumothorax, or focal consolidation.",
-     {"Pleural Effusion": N, "Pneumothorax": N, "Consolidation": N}),
+    (
+        "No pleural effusion, pneumothorax, or focal consolidation.",
+        {"Pleural Effusion": N, "Pneumothorax": N, "Consolidation": N},
+    ),
     ("There is no pneumothorax, but there is a small left effusion.", {"Pneumothorax": N, "Pleural Effusion": P}),
     ("Small pericardial effusion.", {"Pleural Effusion": None}),
     ("Blunting of the left costophrenic angle.", {"Pleural Effusion": U}),
@@ -121,8 +124,10 @@ GOLDEN = [
     ("Interval removal of the endotracheal tube.", {"Support Devices": N}),
     ("The chest tube has been removed.", {"Support Devices": N}),
     # Compound and mixed sentences
-    ("Moderate cardiomegaly with small bilateral effusions and bibasilar atelectasis.",
-     {"Cardiomegaly": P, "Pleural Effusion": P, "Atelectasis": P}),
+    (
+        "Moderate cardiomegaly with small bilateral effusions and bibasilar atelectasis.",
+        {"Cardiomegaly": P, "Pleural Effusion": P, "Atelectasis": P},
+    ),
     ("Heart size and mediastinal contours are normal.", {"Cardiomegaly": N, "Enlarged Cardiomediastinum": N}),
     ("Cardiomegaly is seen, lungs are clear.", {"Cardiomegaly": P}),
     ("No pneumothorax. Small left effusion.", {"Pneumothorax": N, "Pleural Effusion": P}),
@@ -141,7 +146,7 @@ def test_golden_reports(form):
     reports = [r if form == "raw" else _cleaned(r) for r, _ in GOLDEN]
     labels = label_reports(reports)
     failures = []
-    for (report, expected), text, row in zip(GOLDEN, reports, labels):
+    for (_report, expected), text, row in zip(GOLDEN, reports, labels):
         for obs, want in expected.items():
             got = row[IDX[obs]]
             ok = math.isnan(got) if want is None else got == want
@@ -183,6 +188,7 @@ def test_non_text_report_is_a_data_error():
 
 
 # ---------------------------------------------------------------- CE metric arithmetic
+
 
 def _labels(rows):
     out = np.full((len(rows), 14), np.nan)

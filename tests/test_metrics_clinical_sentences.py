@@ -1,5 +1,6 @@
 """The labeler on real-style report sentences (tests/data/labeler_sentences.tsv), full reports
 with sections, and ``cmn-label --sections``."""
+
 import csv
 import math
 from pathlib import Path
@@ -9,8 +10,8 @@ import pytest
 
 from cmn.errors import ConfigError
 from cmn.metrics import CHEXPERT_OBSERVATIONS, label_reports
-from cmn.metrics.clinical import report_sections
 from cmn.metrics.cli import label_main
+from cmn.metrics.clinical import report_sections
 
 IDX = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
 SENTENCES = Path(__file__).parent / "data" / "labeler_sentences.tsv"
@@ -108,18 +109,23 @@ def test_report_sections_text():
     assert kept == "The heart size and upper mediastinum have a normal appearance. The lungs are clear. Normal chest."
 
 
-@pytest.mark.parametrize("text", [
-    "Moderate cardiomegaly. No pneumothorax.",               # model output: no headings
-    "the heart size is normal . no pleural effusion .",      # cleaned training text
-    "History of pneumonia. Lungs are clear.",                # a heading needs its colon
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Moderate cardiomegaly. No pneumothorax.",  # model output: no headings
+        "the heart size is normal . no pleural effusion .",  # cleaned training text
+        "History of pneumonia. Lungs are clear.",  # a heading needs its colon
+    ],
+)
 def test_text_without_headings_is_labeled_whole(text):
     assert report_sections(text) == text
     np.testing.assert_array_equal(label_reports([text], sections="auto"), label_reports([text]))
 
 
 def test_upper_case_heading_inside_a_line_and_subheadings():
-    report = "COMPARISON: Chest radiograph showing a right pneumothorax. FINDINGS: LUNGS: Clear. HEART: Mild cardiomegaly."
+    report = (
+        "COMPARISON: Chest radiograph showing a right pneumothorax. FINDINGS: LUNGS: Clear. HEART: Mild cardiomegaly."
+    )
     row = label_reports([report], sections="auto")[0]
     assert math.isnan(_obs(row, "Pneumothorax")) and _obs(row, "Cardiomegaly") == 1
 

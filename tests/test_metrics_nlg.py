@@ -1,4 +1,5 @@
 """NLG metrics equal direct pycocoevalcap calls; METEOR's process and its failure modes."""
+
 import math
 
 import pytest

@@ -1,30 +1,17 @@
 """Model variants, the memory's role in each, and incremental vs full decoding."""
+
+import copy
+import itertools
 import math
 
 import pytest
 import torch
 
-from cmn.config import ModelConfig
 from cmn.errors import ConfigError
 from cmn.model import build_model
 from cmn.ops import memory_query
-
-
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=30, visual_extractor="resnet18", d_model=32, d_ff=32, num_heads=4, num_layers=2,
-                memory_size=16, topk=4, num_views=2, max_seq_length=10, dropout=0.0, attention_dropout=0.0, drop_prob_lm=0.0)
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def inputs(B=2, V=2, S=64, T=8, vocab=30, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(B, V, 3, S, S, generator=g)  # (B, V, 3, S, S)
-    targets = torch.randint(1, vocab, (B, T), generator=g)  # (B, T)
-    targets[:, 0] = 0
-    targets[0, -1] = 0
-    targets[1, -3:] = 0  # EOS then padding
-    return images, targets
+from helpers.tiny import inputs, tiny_cfg
+from helpers.tolerance import assert_close_derived
 
 
 def param_names(model):
@@ -52,7 +39,11 @@ def test_variants_differ_as_described():
     assert {n.split(".")[0] for n in names["cmn"] if "memory" in n} == {"memory", "memory_query"}
     # MEM: a memory and projections for each modality
     assert {n.split(".")[0] for n in names["mem"] if "memory" in n} == {
-        "visual_memory", "text_memory", "visual_memory_query", "text_memory_query"}
+        "visual_memory",
+        "text_memory",
+        "visual_memory_query",
+        "text_memory_query",
+    }
     extra = len(names["cmn"] - names["base"])
     assert extra == 1 + 4 * 2  # matrix + q/k/v/out weights and biases
     assert len(names["mem"] - names["base"]) == 2 * extra
@@ -70,8 +61,9 @@ def test_cmn_memory_is_used_by_both_sides():
         enc = model.encode(images, visual_kv)
         model.memory.weight.mul_(3.0)
         assert not torch.allclose(model.encode(images, model.memory_kv()[0]), enc)
-        assert not torch.allclose(model.embed_tokens(targets, model.memory_kv()[1]),
-                                  model.embed_tokens(targets, text_kv))
+        assert not torch.allclose(
+            model.embed_tokens(targets, model.memory_kv()[1]), model.embed_tokens(targets, text_kv)
+        )
         assert not torch.allclose(model(images, targets), before)
 
 
@@ -95,18 +87,20 @@ def test_incremental_decoding_equals_full_redecoding(variant):
     torch.manual_seed(1)
     model = build_model(tiny_cfg(variant=variant)).eval()
     images, _ = inputs(B=3)
+    model64 = copy.deepcopy(model).double()  # the reference path in fp64: its own rounding error
     with torch.no_grad():
         cached = model.start_decoding(images, 2)
         full = model.start_decoding(images, 2, reference=True)
+        full64 = model64.start_decoding(images.double(), 2, reference=True)
         tokens = torch.zeros(6, dtype=torch.long)
         for t in range(7):
-            a, b = cached.step(tokens), full.step(tokens)
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            a, b, c = cached.step(tokens), full.step(tokens), full64.step(tokens)
+            assert_close_derived(a, b, c, msg=f"step {t}")
             tokens = a.argmax(-1)
             if t == 3:  # rows drop out and reorder, as beams and finished studies do
                 index = torch.tensor([4, 0, 2])
-                cached.reorder(index)
-                full.reorder(index)
+                for d in (cached, full, full64):
+                    d.reorder(index)
                 tokens = tokens[index]
 
 
@@ -117,9 +111,10 @@ def test_teacher_forcing_equals_stepwise():
     targets[1, -3:] = 5  # no padding: every position is a real token
     with torch.no_grad():
         forced = model(images, targets)
+        forced64 = copy.deepcopy(model).double()(images.double(), targets)
         dec = model.start_decoding(images)
         stepped = torch.stack([dec.step(targets[:, t]) for t in range(targets.shape[1] - 1)], 1)
-    torch.testing.assert_close(forced, stepped, atol=1e-5, rtol=1e-5)
+    assert_close_derived(stepped, forced, forced64, msg="stepwise vs teacher-forced")
 
 
 @pytest.mark.parametrize("variant", ["cmn", "mem", "base"])
@@ -139,8 +134,12 @@ def test_generation_with_cache_equals_reference_decoding(variant):
             a = beam_search(model.start_decoding(images, beam), 3, beam, 9, n_best=beam)
             b = beam_search(model.start_decoding(images, beam, reference=True), 3, beam, 9, n_best=beam)
             assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]
-            for ha, hb in zip(sum(a, []), sum(b, [])):
-                assert abs(ha.score - hb.score) < 1e-4
+            model64 = copy.deepcopy(model).double()
+            c = beam_search(model64.start_decoding(images.double(), beam, reference=True), 3, beam, 9, n_best=beam)
+            for ha, hb, hc in zip(itertools.chain(*a), itertools.chain(*b), itertools.chain(*c)):
+                assert ha.tokens == hc.tokens
+                s32, s64 = torch.tensor([ha.score, hb.score]), torch.tensor([hc.score, hc.score], dtype=torch.float64)
+                assert_close_derived(s32[:1], s32[1:], s64[1:], msg="beam score")
 
 
 def test_bad_configs_are_clear():

@@ -6,17 +6,19 @@ floor for quantities that are ~0). The triton implementation runs under TRITON_I
 here (tests/conftest.py sets it on machines without CUDA), so the shapes stay tiny:
 2 heads, 32 memory slots, 10 query rows.
 """
+
 import pytest
 import torch
 
 from cmn.model import build_model
-from test_model import inputs, tiny_cfg
+from helpers.tiny import inputs, tiny_cfg
 
 
 def run(impl, variant, dtype=torch.float32):
     torch.manual_seed(0)
-    cfg = tiny_cfg(variant=variant, d_model=16, d_ff=16, num_heads=2, num_layers=1, memory_size=32, topk=4,
-                   memory_impl=impl)
+    cfg = tiny_cfg(
+        variant=variant, d_model=16, d_ff=16, num_heads=2, num_layers=1, memory_size=32, topk=4, memory_impl=impl
+    )
     model = build_model(cfg).to(dtype).train()  # dropout is 0 in tiny_cfg; BatchNorm uses batch statistics
     images, targets = inputs(B=2, S=32, T=6)
     logprobs = model(images.to(dtype), targets)

@@ -12,6 +12,7 @@ per target)::
 
     CMN_FUZZ_EXAMPLES=20000 PYTHONPATH=python python -m pytest tests/test_native_fuzz.py -q -p no:cacheprovider
 """
+
 import json
 import os
 import subprocess
@@ -35,8 +36,29 @@ fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list
 DATASETS = ("iu_xray", "mimic_cxr")
 # Sizes at and past every limit: 0, 1, the int32/uint32 edges, 2**40, the int64 edges,
 # beyond int64, negative.
-EXTREMES = [0, 1, 2, 3, 2**20, 2**20 + 1, 2**31 - 1, 2**31, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64, 2**100,
-            -1, -2, -(2**31), -(2**63), -(2**63) - 1, -(2**64)]
+EXTREMES = [
+    0,
+    1,
+    2,
+    3,
+    2**20,
+    2**20 + 1,
+    2**31 - 1,
+    2**31,
+    2**32,
+    2**40,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64,
+    2**100,
+    -1,
+    -2,
+    -(2**31),
+    -(2**63),
+    -(2**63) - 1,
+    -(2**64),
+]
 sizes = st.one_of(st.integers(-3, 12), st.sampled_from(EXTREMES), st.integers())
 
 any_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=120)
@@ -81,7 +103,7 @@ SIZE_PROBES = [
     ("N.Tokenizer.from_str(vocab_json({v}))", "id", 2, 2),
 ]
 
-_PROBE_RUNNER = textwrap.dedent('''
+_PROBE_RUNNER = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
     # A size that slipped through must fail fast here, not eat the machine.
@@ -100,13 +122,17 @@ _PROBE_RUNNER = textwrap.dedent('''
         except BaseException as e:
             outcome = [type(e).__name__, str(e)]
         print(json.dumps([call] + outcome), flush=True)
-''')
+""")
 
 
 def test_extreme_sizes_are_errors_naming_the_argument_never_panics_or_aborts():
     calls = [(template.format(v=v), name, lo, hi, v) for template, name, lo, hi in SIZE_PROBES for v in EXTREMES]
-    proc = subprocess.run([sys.executable, "-c", _PROBE_RUNNER, json.dumps([c[0] for c in calls])],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE_RUNNER, json.dumps([c[0] for c in calls])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     last = results[-1][0] if results else "the first probe"
     assert proc.returncode == 0, f"probe process died (rc {proc.returncode}) after {last}: {proc.stderr[-2000:]}"
@@ -137,8 +163,10 @@ def test_fuzz_clean_report(text, dataset):
 
 
 @fuzz
-@given(texts=st.lists(st.one_of(report, surrogate_text, st.integers(), st.none()), max_size=8),
-       dataset=st.sampled_from(DATASETS))
+@given(
+    texts=st.lists(st.one_of(report, surrogate_text, st.integers(), st.none()), max_size=8),
+    dataset=st.sampled_from(DATASETS),
+)
 def test_fuzz_clean_reports(texts, dataset):
     wants = [DataError if not isinstance(t, (str, bytes)) else clean_or_error(t, dataset) for t in texts]
     if DataError in wants:
@@ -170,8 +198,13 @@ _CORPUS = ["The lungs are clear.", "No effusion. ΣΟΦΟΣ é", "1. Heart norma
 
 
 @fuzz
-@given(reports=st.lists(report, max_size=12), threshold=sizes, dataset=st.sampled_from(DATASETS), max_len=sizes,
-       probes=st.lists(report, max_size=6))
+@given(
+    reports=st.lists(report, max_size=12),
+    threshold=sizes,
+    dataset=st.sampled_from(DATASETS),
+    max_len=sizes,
+    probes=st.lists(report, max_size=6),
+)
 def test_fuzz_build_encode_encode_batch(reports, threshold, dataset, max_len, probes):
     reports = [r for r in reports if clean_or_error(r, dataset) is not DataError] + _CORPUS
     tok = Tokenizer.build(reports, threshold, dataset)
@@ -209,12 +242,19 @@ def test_fuzz_decode(seq):
 
 
 @fuzz
-@given(rows=st.integers(0, 5), cols=st.integers(0, 6), dtype=st.sampled_from(["int64", "int32", "uint8", "int8"]),
-       data=st.data())
+@given(
+    rows=st.integers(0, 5),
+    cols=st.integers(0, 6),
+    dtype=st.sampled_from(["int64", "int32", "uint8", "int8"]),
+    data=st.data(),
+)
 def test_fuzz_decode_batch(rows, cols, dtype, data):
     info = np.iinfo(dtype)
-    values = data.draw(st.lists(st.integers(max(info.min, -(2**63)), min(info.max, 2**63 - 1)),
-                                min_size=rows * cols, max_size=rows * cols))
+    values = data.draw(
+        st.lists(
+            st.integers(max(info.min, -(2**63)), min(info.max, 2**63 - 1)), min_size=rows * cols, max_size=rows * cols
+        )
+    )
     array = np.array(values, dtype=dtype).reshape(rows, cols)
     try:
         want = [_TOK.decode(list(row)) for row in array]
@@ -228,8 +268,11 @@ def test_fuzz_decode_batch(rows, cols, dtype, data):
 
 
 @fuzz
-@given(arg=st.one_of(st.floats(), st.text(max_size=3), st.none(), st.lists(st.integers(), max_size=2)),
-       shape=st.sampled_from([(3,), (1, 1, 1), (2, 2)]), dtype=st.sampled_from(["float32", "float64", "bool", "object"]))
+@given(
+    arg=st.one_of(st.floats(), st.text(max_size=3), st.none(), st.lists(st.integers(), max_size=2)),
+    shape=st.sampled_from([(3,), (1, 1, 1), (2, 2)]),
+    dtype=st.sampled_from(["float32", "float64", "bool", "object"]),
+)
 def test_fuzz_wrong_kinds_of_ids(arg, shape, dtype):
     with pytest.raises(TypeError):
         _TOK._core.decode_batch(np.zeros(shape, dtype=dtype))
@@ -252,20 +295,27 @@ def test_fuzz_token_lookups(token, id_):
 
 
 tokens = st.one_of(st.sampled_from(["<pad>", "<unk>", "", "a", "a b", "x\x1c"]), st.text(max_size=6))
-vocab_docs = st.fixed_dictionaries({
-    "model": st.fixed_dictionaries({
-        "type": st.sampled_from(["WordLevel", "BPE"]),
-        "unk_token": st.sampled_from(["<unk>", "<UNK>"]),
-        "cmn_dataset": st.sampled_from([*DATASETS, "chexpert"]),
-        "vocab": st.dictionaries(tokens, st.one_of(st.integers(-2, 8), st.sampled_from(EXTREMES), st.floats()),
-                                 max_size=8),
-    })
-}).map(json.dumps)
+vocab_docs = st.fixed_dictionaries(
+    {
+        "model": st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(["WordLevel", "BPE"]),
+                "unk_token": st.sampled_from(["<unk>", "<UNK>"]),
+                "cmn_dataset": st.sampled_from([*DATASETS, "chexpert"]),
+                "vocab": st.dictionaries(
+                    tokens, st.one_of(st.integers(-2, 8), st.sampled_from(EXTREMES), st.floats()), max_size=8
+                ),
+            }
+        )
+    }
+).map(json.dumps)
 
 
 @fuzz
-@given(doc=st.one_of(vocab_docs, surrogate_text, st.binary(max_size=40).map(lambda b: b.decode("latin-1"))),
-       dataset=st.sampled_from([None, *DATASETS]))
+@given(
+    doc=st.one_of(vocab_docs, surrogate_text, st.binary(max_size=40).map(lambda b: b.decode("latin-1"))),
+    dataset=st.sampled_from([None, *DATASETS]),
+)
 def test_fuzz_from_str(doc, dataset):
     try:
         tok = Tokenizer.from_str(doc, dataset)
@@ -284,12 +334,21 @@ arrays = st.tuples(st.sampled_from(["float32", "float64", "int64", "int32"]), st
 
 
 @fuzz
-@given(batch=sizes, beam=st.one_of(st.integers(1, 4), sizes), max_len=sizes, eos=sizes, ngram=sizes, n_best=sizes,
-       penalty=st.one_of(st.just(0.0), st.floats()), data=st.data())
+@given(
+    batch=sizes,
+    beam=st.one_of(st.integers(1, 4), sizes),
+    max_len=sizes,
+    eos=sizes,
+    ngram=sizes,
+    n_best=sizes,
+    penalty=st.one_of(st.just(0.0), st.floats()),
+    data=st.data(),
+)
 def test_fuzz_beam_search(batch, beam, max_len, eos, ngram, n_best, penalty, data):
     try:
-        bs = _native.BeamSearch(batch, beam, max_len, eos_id=eos, length_penalty=penalty,
-                                no_repeat_ngram_size=ngram, n_best=n_best)
+        bs = _native.BeamSearch(
+            batch, beam, max_len, eos_id=eos, length_penalty=penalty, no_repeat_ngram_size=ngram, n_best=n_best
+        )
     except ValueError as e:
         assert "must be" in str(e)
         return
@@ -314,8 +373,12 @@ def test_fuzz_beam_search(batch, beam, max_len, eos, ngram, n_best, penalty, dat
                 continue
             assert all(a.shape == (bs.num_rows,) for a in out)
             continue
-        logp = np.log(np.array(data.draw(st.lists(st.floats(0.01, 1.0), min_size=vocab, max_size=vocab),
-                                         label="probs"), np.float32) / vocab)
+        logp = np.log(
+            np.array(
+                data.draw(st.lists(st.floats(0.01, 1.0), min_size=vocab, max_size=vocab), label="probs"), np.float32
+            )
+            / vocab
+        )
         total = (logp[None, :] + bs.cum_scores()[:, None]).reshape(rows // beam, beam * vocab)
         k = min(2 * beam, beam * vocab)
         order = np.argsort(-total, axis=1, kind="stable")[:, :k]
@@ -325,7 +388,7 @@ def test_fuzz_beam_search(batch, beam, max_len, eos, ngram, n_best, penalty, dat
             assert "eos_id" in str(e) or "non-EOS candidates" in str(e)
             return
         assert tokens.shape == reorder.shape == cum.shape == (bs.num_rows,)
-        assert ((0 <= tokens) & (tokens < vocab)).all() and ((0 <= reorder) & (reorder < rows)).all()
+        assert ((tokens >= 0) & (tokens < vocab)).all() and ((reorder >= 0) & (reorder < rows)).all()
     if bs.done:
         result = bs.finalize()
         assert len(result) == batch and all(len(item) <= n_best for item in result)

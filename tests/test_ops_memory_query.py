@@ -1,4 +1,5 @@
 """memory_query: the naive spec, the torch and cpu paths against it, and the public op's checks."""
+
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from cmn.config import MEMORY_IMPLS
 from cmn.errors import ConfigError
 from cmn.ops import IMPLS, _torch, memory_query, memory_query_ref, resolve_impl
-from memory_query_cases import assert_close_to_truth, make_leaves, max_err, run, sorted_by_index
+from helpers.memory_query_cases import assert_close_to_truth, make_leaves, max_err, run, sorted_by_index
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 CPU_DTYPES = [torch.float64, torch.float32]  # the fused cpu path's types

@@ -4,21 +4,23 @@ Without a GPU this runs the kernels on CPU tensors under TRITON_INTERPRET=1 (set
 tests/conftest.py before triton is imported). The interpreter sorts element by element, so
 shapes stay tiny: N <= 256, B*L <= 32, H <= 2.
 """
+
 import os
 
 import pytest
 import torch
 
 from cmn.ops import memory_query
-from memory_query_cases import assert_close_to_truth, make_leaves, max_err, run, sorted_by_index
+from helpers.memory_query_cases import assert_close_to_truth, make_leaves, max_err, run, sorted_by_index
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_NAMES = ("out", "grad_q", "grad_M", "grad_Wk", "grad_Wv")
 
 
 def setup_module():
-    assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", \
+    assert DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", (
         "tests/conftest.py must set TRITON_INTERPRET=1 on machines without CUDA"
+    )
 
 
 def compare(shape, dtype, seed=0, **kwargs):
@@ -31,12 +33,16 @@ def compare(shape, dtype, seed=0, **kwargs):
 
 
 # (B, H, L, N, d, K, shared memory); N is never a multiple of the key tile
-@pytest.mark.parametrize("shape", [
-    (2, 2, 5, 37, 8, 4, True),  # d < 16: padded head dim
-    (1, 2, 6, 20, 16, 16, False),  # per-batch memory, one key tile
-    (1, 1, 7, 100, 8, 32, True),  # several key tiles merged into the running top K
-    (2, 1, 3, 19, 8, 1, False),  # K = 1
-], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 2, 5, 37, 8, 4, True),  # d < 16: padded head dim
+        (1, 2, 6, 20, 16, 16, False),  # per-batch memory, one key tile
+        (1, 1, 7, 100, 8, 32, True),  # several key tiles merged into the running top K
+        (2, 1, 3, 19, 8, 1, False),  # K = 1
+    ],
+    ids=str,
+)
 def test_triton_matches_naive_fp32(shape):
     got, ref, truth = compare(shape, torch.float32)
     assert_close_to_truth(got, ref, truth, torch.float32)

@@ -1,4 +1,5 @@
 """cmn-plot: training curves from a run folder's log.jsonl, and its bad inputs."""
+
 import json
 import math
 import sys
@@ -11,10 +12,24 @@ from cmn.viz.plot import main, read_log
 
 def record(epoch, **extra):
     """A log.jsonl line as cmn-train writes it (cmn.train._fit)."""
-    r = {"epoch": epoch, "train_loss": 3.0 / epoch, "train_tokens": 1e4, "train_batches": 10, "train_seconds": 20.0,
-         "train_tokens_per_s": 500.0 + epoch, "lr_ve": 1e-3, "lr_ed": 1e-3, "val_BLEU_1": 0.3 + 0.05 * epoch,
-         "val_BLEU_2": 0.2, "val_BLEU_3": 0.15, "val_BLEU_4": 0.1 + 0.01 * epoch, "val_METEOR": math.nan,
-         "val_ROUGE_L": 0.4, "val_CIDEr": 0.2, "best_epoch": epoch}
+    r = {
+        "epoch": epoch,
+        "train_loss": 3.0 / epoch,
+        "train_tokens": 1e4,
+        "train_batches": 10,
+        "train_seconds": 20.0,
+        "train_tokens_per_s": 500.0 + epoch,
+        "lr_ve": 1e-3,
+        "lr_ed": 1e-3,
+        "val_BLEU_1": 0.3 + 0.05 * epoch,
+        "val_BLEU_2": 0.2,
+        "val_BLEU_3": 0.15,
+        "val_BLEU_4": 0.1 + 0.01 * epoch,
+        "val_METEOR": math.nan,
+        "val_ROUGE_L": 0.4,
+        "val_CIDEr": 0.2,
+        "best_epoch": epoch,
+    }
     r.update(extra)
     return json.dumps(r)  # NaN as cmn-train writes it when java is missing
 
@@ -23,8 +38,12 @@ def record(epoch, **extra):
 def run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    lines = [record(1), record(2), record(3, val_CE_F1=0.2, val_CE_precision=0.3, val_CE_recall=0.25),
-             record(3, train_loss=0.5, val_CE_F1=0.3)]  # a resumed run re-logged epoch 3: the later line wins
+    lines = [
+        record(1),
+        record(2),
+        record(3, val_CE_F1=0.2, val_CE_precision=0.3, val_CE_recall=0.25),
+        record(3, train_loss=0.5, val_CE_F1=0.3),
+    ]  # a resumed run re-logged epoch 3: the later line wins
     (run / "log.jsonl").write_text("\n".join(lines) + "\n")
     return run
 

@@ -1,4 +1,5 @@
 """cmn-prepare csv: a user's own studies from a table."""
+
 import gzip
 import json
 
@@ -27,8 +28,10 @@ def run(args, capsys):
 
 
 def prepare(table, images, out, capsys, *extra):
-    return run(["csv", "--table", str(table), "--image-root", str(images), "--output", str(out), "--no-progress",
-                *extra], capsys)
+    return run(
+        ["csv", "--table", str(table), "--image-root", str(images), "--output", str(out), "--no-progress", *extra],
+        capsys,
+    )
 
 
 TABLE = """id,report,image_path,split
@@ -53,15 +56,32 @@ def test_golden_output_with_a_split_column(images, tmp_path, capsys):
     assert code == 0, err
     ann = json.loads((out / "annotation.json").read_text())
     assert ann == {
-        "train": [{"id": "a", "report": "Heart size normal. Lungs clear.", "image_path": ["a/front.png", "a/side.png"],
-                   "split": "train"}],
-        "val": [{"id": "b", "report": "Mild cardiomegaly.", "image_path": ["b/front.png", "b/side.png"],
-                 "split": "val"}],
-        "test": [{"id": "f", "report": "Clear lungs, no effusion.", "image_path": ["a/front.png", "a/side.png"],
-                  "split": "test"}],
+        "train": [
+            {
+                "id": "a",
+                "report": "Heart size normal. Lungs clear.",
+                "image_path": ["a/front.png", "a/side.png"],
+                "split": "train",
+            }
+        ],
+        "val": [
+            {"id": "b", "report": "Mild cardiomegaly.", "image_path": ["b/front.png", "b/side.png"], "split": "val"}
+        ],
+        "test": [
+            {
+                "id": "f",
+                "report": "Clear lungs, no effusion.",
+                "image_path": ["a/front.png", "a/side.png"],
+                "split": "test",
+            }
+        ],
     }
     assert (tmp_path / "mine" / "dropped.tsv").read_text().splitlines() == [
-        "name\treason", "c\tno report", "d\tfewer than 2 image(s) (iu_xray takes 2)", "e\tmissing image"]
+        "name\treason",
+        "c\tno report",
+        "d\tfewer than 2 image(s) (iu_xray takes 2)",
+        "e\tmissing image",
+    ]
     assert "csv: kept 3 studies (train 1, val 1, test 1)" in stdout
     assert "note: 1 studies with more than 2 image(s) (the first 2 are used)" in stdout
     assert "e/missing.png not found" in err
@@ -72,8 +92,9 @@ def test_golden_output_with_a_split_column(images, tmp_path, capsys):
 
 
 def test_seeded_split_columns_copy_and_gzip(images, tmp_path, capsys):
-    rows = ["study,text,frontal,lateral"] + [f"{s}{n},Report {n} of {s}.,{s}/front.png,{s}/side.png"
-                                             for s in "abcde" for n in range(2)]
+    rows = ["study,text,frontal,lateral"] + [
+        f"{s}{n},Report {n} of {s}.,{s}/front.png,{s}/side.png" for s in "abcde" for n in range(2)
+    ]
     table = tmp_path / "studies.csv.gz"
     table.write_bytes(gzip.compress("\n".join(rows).encode()))
     out = tmp_path / "mine"
@@ -91,8 +112,7 @@ def test_seeded_split_columns_copy_and_gzip(images, tmp_path, capsys):
     one = tmp_path / "one"
     code, _, err = prepare(table, images, one, capsys, *args, "--preset", "mimic_cxr")
     assert code == 0, err
-    assert all(len(e["image_path"]) == 1 for v in json.loads((one / "annotation.json").read_text()).values()
-               for e in v)
+    assert all(len(e["image_path"]) == 1 for v in json.loads((one / "annotation.json").read_text()).values() for e in v)
     code, stdout, _ = run(["csv", "--check", "--preset", "mimic_cxr", "--output", str(one)], capsys)
     assert code == 0
     code, _, err = run(["csv", "--check", "--output", str(one)], capsys)
@@ -109,19 +129,28 @@ def test_relative_to_root(tmp_path):
     assert relative_to_root(tmp_path, ".") is None
 
 
-@pytest.mark.parametrize("case, text, expect", [
-    ("outside", "id,report,image_path\na,x,../secret.png;a/side.png\n",
-     "line 2: image path '../secret.png' is outside --image-root"),
-    ("missing_column", "id,text,image_path\na,x,a/front.png\n", "missing column(s) report"),
-    ("duplicate", "id,report,image_path\na,x,a/front.png;a/side.png\nb,y,b/front.png\na,z,c/front.png\n",
-     "line 4: duplicate id 'a' (first on line 2)"),
-    ("bad_split", "id,report,image_path,split\na,x,a/front.png;a/side.png,dev\n", "line 2: split 'dev' is not"),
-    ("empty_id", "id,report,image_path\n,x,a/front.png\n", "line 2: empty 'id'"),
-    ("ragged", "id,report,image_path\na,x,a/front.png,extra\n", "line 2: 3 columns expected"),
-    ("no_rows", "id,report,image_path\n", "no rows"),
-    ("not_utf8", "id,report,image_path\na,caf\xe9,a/front.png\n", "not UTF-8 text (invalid byte 0xe9"),
-    ("strict", "id,report,image_path\na,x,a/front.png;a/nothere.png\n", "a/nothere.png not found"),
-])
+@pytest.mark.parametrize(
+    "case, text, expect",
+    [
+        (
+            "outside",
+            "id,report,image_path\na,x,../secret.png;a/side.png\n",
+            "line 2: image path '../secret.png' is outside --image-root",
+        ),
+        ("missing_column", "id,text,image_path\na,x,a/front.png\n", "missing column(s) report"),
+        (
+            "duplicate",
+            "id,report,image_path\na,x,a/front.png;a/side.png\nb,y,b/front.png\na,z,c/front.png\n",
+            "line 4: duplicate id 'a' (first on line 2)",
+        ),
+        ("bad_split", "id,report,image_path,split\na,x,a/front.png;a/side.png,dev\n", "line 2: split 'dev' is not"),
+        ("empty_id", "id,report,image_path\n,x,a/front.png\n", "line 2: empty 'id'"),
+        ("ragged", "id,report,image_path\na,x,a/front.png,extra\n", "line 2: 3 columns expected"),
+        ("no_rows", "id,report,image_path\n", "no rows"),
+        ("not_utf8", "id,report,image_path\na,caf\xe9,a/front.png\n", "not UTF-8 text (invalid byte 0xe9"),
+        ("strict", "id,report,image_path\na,x,a/front.png;a/nothere.png\n", "a/nothere.png not found"),
+    ],
+)
 def test_bad_tables(images, tmp_path, capsys, case, text, expect):
     table = write(tmp_path / "t.csv", text, "latin-1" if case == "not_utf8" else "utf-8")
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
 """cmn-prepare iu_xray on Open-i archives in the real format (tests/helpers/openi.py)."""
+
 import json
 import shutil
 import tarfile
@@ -22,27 +23,41 @@ NORMAL = "Heart size is normal. The lungs are clear. No pneumothorax or pleural 
 def fixture_reports() -> list[Report]:
     reports = [
         # parentImage order is not name order; id and views follow the names
-        Report(1, FINDINGS[1], "Normal chest x-XXXX.", image_ids=["CXR1_1_IM-0001-4001", "CXR1_1_IM-0001-3001"],
-               mesh_major=["normal"], mesh_automatic=["heart"]),
+        Report(
+            1,
+            FINDINGS[1],
+            "Normal chest x-XXXX.",
+            image_ids=["CXR1_1_IM-0001-4001", "CXR1_1_IM-0001-3001"],
+            mesh_major=["normal"],
+            mesh_automatic=["heart"],
+        ),
         # three images: the first two by name are the views, all three are written
-        Report(2, FINDINGS[2], "Cardiomegaly.",
-               image_ids=["CXR2_IM-0652-2001", "CXR2_IM-0652-1001-0001", "CXR2_IM-0652-1001"],
-               mesh_major=["Cardiomegaly/mild"]),
+        Report(
+            2,
+            FINDINGS[2],
+            "Cardiomegaly.",
+            image_ids=["CXR2_IM-0652-2001", "CXR2_IM-0652-1001-0001", "CXR2_IM-0652-1001"],
+            mesh_major=["Cardiomegaly/mild"],
+        ),
         Report(3, None, "No acute disease.", image_ids=["CXR3_IM-1384-1001", "CXR3_IM-1384-2001"]),
         Report(4, "One view only. Lungs clear.", "Clear.", image_ids=["CXR4_IM-2050-1001"]),
         Report(5, FINDINGS[5], "Negative.", image_ids=["CXR5_IM-2117-1003", "CXR5_IM-2117-2001"]),  # 2001 missing
         Report(6, FINDINGS[6], "Atelectasis.", image_ids=["CXR6_IM-2000-4004", "CXR6_IM-2000-0001-0001"]),
     ]
-    reports += [Report(n, f"{NORMAL} Study {n}.", "Normal.", image_ids=[f"CXR{n}_IM-{3000 + n}-1001",
-                                                                        f"CXR{n}_IM-{3000 + n}-2001"])
-                for n in range(7, 17)]
+    reports += [
+        Report(
+            n, f"{NORMAL} Study {n}.", "Normal.", image_ids=[f"CXR{n}_IM-{3000 + n}-1001", f"CXR{n}_IM-{3000 + n}-2001"]
+        )
+        for n in range(7, 17)
+    ]
     return reports
 
 
 BROKEN_XML = b'<?xml version="1.0" encoding="utf-8"?>\n<eCitation><MedlineCitation>\n'
 # declared UTF-8, written in Latin-1
 LATIN1_XML = report_xml(Report(18, "Caf\u00e9 au lait spots.", image_ids=["CXR18_IM-0001-1001"])).replace(
-    "Caf\u00e9".encode(), b"Caf\xe9")
+    "Caf\u00e9".encode(), b"Caf\xe9"
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +69,11 @@ def openi(tmp_path_factory):
     return {
         "root": root,
         "images": images,
-        "reports_tgz": write_reports_tgz(root / "NLMCXR_reports.tgz", reports,
-                                         extra={"ecgen-radiology/17.xml": BROKEN_XML,
-                                                "ecgen-radiology/18.xml": LATIN1_XML}),
+        "reports_tgz": write_reports_tgz(
+            root / "NLMCXR_reports.tgz",
+            reports,
+            extra={"ecgen-radiology/17.xml": BROKEN_XML, "ecgen-radiology/18.xml": LATIN1_XML},
+        ),
         "png_tgz": write_images_tgz(root / "NLMCXR_png.tgz", images),
     }
 
@@ -68,12 +85,23 @@ def run(args, capsys):
 
 
 def prepare(openi, out, capsys, *extra):
-    return run(["iu_xray", "--reports", str(openi["reports_tgz"]), "--images", str(openi["png_tgz"]),
-                "--output", str(out), "--no-progress", *extra], capsys)
+    return run(
+        [
+            "iu_xray",
+            "--reports",
+            str(openi["reports_tgz"]),
+            "--images",
+            str(openi["png_tgz"]),
+            "--output",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        capsys,
+    )
 
 
-GOLDEN_IDS = ["CXR1_1_IM-0001", "CXR2_IM-0652", "CXR6_IM-2000-0001"] + [f"CXR{n}_IM-{3000 + n}"
-                                                                          for n in range(7, 17)]
+GOLDEN_IDS = ["CXR1_1_IM-0001", "CXR2_IM-0652", "CXR6_IM-2000-0001"] + [f"CXR{n}_IM-{3000 + n}" for n in range(7, 17)]
 # seeded_split(GOLDEN_IDS, seed 0, 70/10/20): 13 studies -> 9 / 1 / 3
 GOLDEN_SPLIT = {"val": ["CXR14_IM-3014"], "test": ["CXR10_IM-3010", "CXR16_IM-3016", "CXR9_IM-3009"]}
 
@@ -81,8 +109,12 @@ GOLDEN_SPLIT = {"val": ["CXR14_IM-3014"], "test": ["CXR10_IM-3010", "CXR16_IM-30
 def test_parse_report_reads_the_real_structure():
     r = fixture_reports()[0]
     rep = parse_report(report_xml(r), "ecgen-radiology/1.xml")
-    assert rep.sections == {"COMPARISON": "None.", "INDICATION": "Chest pain", "FINDINGS": FINDINGS[1],
-                            "IMPRESSION": "Normal chest x-XXXX."}
+    assert rep.sections == {
+        "COMPARISON": "None.",
+        "INDICATION": "Chest pain",
+        "FINDINGS": FINDINGS[1],
+        "IMPRESSION": "Normal chest x-XXXX.",
+    }
     assert rep.image_ids == ("CXR1_1_IM-0001-4001", "CXR1_1_IM-0001-3001")
     assert rep.mesh_major == ("normal",) and rep.mesh_automatic == ("heart",)
     assert rep.number == 1
@@ -108,7 +140,9 @@ def test_golden_output(openi, tmp_path, capsys):
         assert sorted(e["id"] for e in ann[split]) == sorted(GOLDEN_SPLIT[split])
     assert len(ann["train"]) == 9
     assert entries["CXR1_1_IM-0001"] == {
-        "id": "CXR1_1_IM-0001", "report": FINDINGS[1], "split": "train",
+        "id": "CXR1_1_IM-0001",
+        "report": FINDINGS[1],
+        "split": "train",
         "image_path": ["CXR1_1_IM-0001/0.png", "CXR1_1_IM-0001/1.png"],
         "mesh": {"major": ["normal"], "automatic": ["heart"]},
     }
@@ -120,12 +154,20 @@ def test_golden_output(openi, tmp_path, capsys):
     assert (folder / "1.png").read_bytes() == images["CXR1_1_IM-0001-4001"]
     folder = out / "images" / "CXR2_IM-0652"
     assert [(folder / f"{k}.png").read_bytes() for k in range(3)] == [
-        images["CXR2_IM-0652-1001"], images["CXR2_IM-0652-1001-0001"], images["CXR2_IM-0652-2001"]]
+        images["CXR2_IM-0652-1001"],
+        images["CXR2_IM-0652-1001-0001"],
+        images["CXR2_IM-0652-2001"],
+    ]
     # dropped, with reasons, on screen and in dropped.tsv
     dropped = (out / "dropped.tsv").read_text().splitlines()
-    assert dropped == ["name\treason", "ecgen-radiology/17.xml\tunreadable report",
-                       "ecgen-radiology/18.xml\tunreadable report", "ecgen-radiology/3.xml\tno findings", "ecgen-radiology/4.xml\tfewer than 2 images",
-                       "ecgen-radiology/5.xml\tmissing image"]
+    assert dropped == [
+        "name\treason",
+        "ecgen-radiology/17.xml\tunreadable report",
+        "ecgen-radiology/18.xml\tunreadable report",
+        "ecgen-radiology/3.xml\tno findings",
+        "ecgen-radiology/4.xml\tfewer than 2 images",
+        "ecgen-radiology/5.xml\tmissing image",
+    ]
     assert "iu_xray: kept 13 studies (train 9, val 1, test 3)" in stdout
     assert "dropped 5 studies:" in stdout
     assert "note: 1 studies with more than 2 images" in stdout
@@ -147,21 +189,37 @@ def test_folders_give_the_same_output(openi, tmp_path, capsys):
             tar.extractall(src / name, filter="data")
     a, b = tmp_path / "a", tmp_path / "b"
     assert prepare(openi, a, capsys)[0] == 0
-    code, _, err = run(["iu_xray", "--reports", str(src / "reports_tgz"), "--images", str(src / "png_tgz"),
-                        "--output", str(b), "--no-progress"], capsys)
+    code, _, err = run(
+        [
+            "iu_xray",
+            "--reports",
+            str(src / "reports_tgz"),
+            "--images",
+            str(src / "png_tgz"),
+            "--output",
+            str(b),
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert (a / "annotation.json").read_text() == (b / "annotation.json").read_text()
     assert sorted(p.relative_to(a) for p in (a / "images").rglob("*.png")) == sorted(
-        p.relative_to(b) for p in (b / "images").rglob("*.png"))
+        p.relative_to(b) for p in (b / "images").rglob("*.png")
+    )
 
 
 def test_split_from_reuses_a_published_split(openi, tmp_path, capsys):
     published = {
-        "train": [{"id": "CXR9_IM-3009", "report": "x", "image_path": ["CXR9_IM-3009/0.png"], "split": "train"},
-                  {"id": "CXR1_1_IM-0001", "report": "x", "image_path": [], "split": "train"}],
+        "train": [
+            {"id": "CXR9_IM-3009", "report": "x", "image_path": ["CXR9_IM-3009/0.png"], "split": "train"},
+            {"id": "CXR1_1_IM-0001", "report": "x", "image_path": [], "split": "train"},
+        ],
         "val": [{"id": "CXR2_IM-0652", "report": "x", "image_path": []}],
-        "test": [{"id": "CXR7_IM-3007", "report": "x", "image_path": []},
-                 {"id": "CXR404_IM-0001", "report": "x", "image_path": []}],
+        "test": [
+            {"id": "CXR7_IM-3007", "report": "x", "image_path": []},
+            {"id": "CXR404_IM-0001", "report": "x", "image_path": []},
+        ],
     }
     other = tmp_path / "published.json"
     other.write_text(json.dumps(published))
@@ -170,16 +228,22 @@ def test_split_from_reuses_a_published_split(openi, tmp_path, capsys):
     assert code == 0, err
     ann = json.loads((out / "annotation.json").read_text())
     assert {k: [e["id"] for e in v] for k, v in ann.items()} == {
-        "train": ["CXR9_IM-3009", "CXR1_1_IM-0001"], "val": ["CXR2_IM-0652"], "test": ["CXR7_IM-3007"]}
+        "train": ["CXR9_IM-3009", "CXR1_1_IM-0001"],
+        "val": ["CXR2_IM-0652"],
+        "test": ["CXR7_IM-3007"],
+    }
     assert "9  id not in --split-from" in stdout
     assert "4 of 5 ids prepared" in stdout
 
 
-@pytest.mark.parametrize("flags, kept, report_of_3", [
-    (["--section", "impression"], 14, "No acute disease."),
-    (["--section", "both"], 14, "No acute disease."),
-    (["--impression-fallback"], 14, "No acute disease."),
-])
+@pytest.mark.parametrize(
+    "flags, kept, report_of_3",
+    [
+        (["--section", "impression"], 14, "No acute disease."),
+        (["--section", "both"], 14, "No acute disease."),
+        (["--impression-fallback"], 14, "No acute disease."),
+    ],
+)
 def test_sections(openi, tmp_path, capsys, flags, kept, report_of_3):
     out = tmp_path / "iu"
     code, stdout, err = prepare(openi, out, capsys, *flags)
@@ -223,8 +287,18 @@ def test_existing_output_needs_force(openi, tmp_path, capsys):
     assert (stranger / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("case", ["garbage_archive", "truncated_archive", "no_reports", "missing_flag",
-                                  "output_holds_input", "bad_fractions", "images_not_found"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "garbage_archive",
+        "truncated_archive",
+        "no_reports",
+        "missing_flag",
+        "output_holds_input",
+        "bad_fractions",
+        "images_not_found",
+    ],
+)
 def test_bad_inputs(openi, tmp_path, capsys, case):
     reports, images = openi["reports_tgz"], openi["png_tgz"]
     out = tmp_path / "out"

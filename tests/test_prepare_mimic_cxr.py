@@ -1,4 +1,5 @@
 """cmn-prepare mimic_cxr on MIMIC-CXR files in the real format (tests/helpers/mimic.py)."""
+
 import gzip
 import json
 import zipfile
@@ -10,8 +11,10 @@ from cmn.prepare.cli import main
 from cmn.prepare.mimic_cxr import report_text, section_name, split_sections
 from helpers.mimic import Study, dicom_id, report, write_mimic
 
-F1 = ("There is no focal consolidation, pleural effusion or pneumothorax. The cardiomediastinal silhouette is "
-      "normal. Surgical clips project over the right upper quadrant. Mild degenerative changes of the spine.")
+F1 = (
+    "There is no focal consolidation, pleural effusion or pneumothorax. The cardiomediastinal silhouette is "
+    "normal. Surgical clips project over the right upper quadrant. Mild degenerative changes of the spine."
+)
 F3 = "Lungs are well expanded and clear. Heart size is normal."
 F4 = "Mild cardiomegaly. Small bilateral pleural effusions with adjacent atelectasis."
 F11 = "Right internal jugular catheter ends in the mid SVC. No pneumothorax."
@@ -20,18 +23,36 @@ F11 = "Right internal jugular catheter ends in the mid SVC. No pneumothorax."
 def fixture_studies() -> list[Study]:
     head = [("EXAMINATION", "CHEST (PA AND LAT)"), ("INDICATION", "___M with cough  // pneumonia?")]
     return [
-        Study(10000001, 50000001, "train", ["PA", "LATERAL"],
-              report(*head, ("COMPARISON", "None."), ("FINDINGS", F1), ("IMPRESSION", "No acute process."))),
+        Study(
+            10000001,
+            50000001,
+            "train",
+            ["PA", "LATERAL"],
+            report(*head, ("COMPARISON", "None."), ("FINDINGS", F1), ("IMPRESSION", "No acute process.")),
+        ),
         Study(10000001, 50000002, "train", ["AP"], report(*head, ("IMPRESSION", "Interval improvement."))),
         Study(10000002, 50000003, "validate", ["PA"], report(*head, ("FINDINS", F3), ("IMPRESSION", "Normal."))),
-        Study(10000002, 50000004, "test", ["PA", "LL"],
-              report(("CHEST, PA AND LATERAL", "Comparison is made to the prior study."), ("FINDINGS", F4),
-                     ("IMPRESSION", "Cardiomegaly and effusions."))),
+        Study(
+            10000002,
+            50000004,
+            "test",
+            ["PA", "LL"],
+            report(
+                ("CHEST, PA AND LATERAL", "Comparison is made to the prior study."),
+                ("FINDINGS", F4),
+                ("IMPRESSION", "Cardiomegaly and effusions."),
+            ),
+        ),
         Study(10000003, 50000005, "test", ["PA"], None),
         Study(10000003, 50000006, "train", ["PA"], report(("FINDINGS", F3)), image_missing=True),
         Study(10000003, 50000007, "train", ["AP"], report(("FINDINGS", "Caf\xe9 au lait.")).encode("latin-1")),
-        Study(10000004, 50000008, "train", ["PA"],
-              "                                 FINAL REPORT\n Chest radiograph: lungs are clear.\n"),
+        Study(
+            10000004,
+            50000008,
+            "train",
+            ["PA"],
+            "                                 FINAL REPORT\n Chest radiograph: lungs are clear.\n",
+        ),
         Study(10000004, 50000009, "validate", ["PA"], report(("FINDINGS", ""), ("IMPRESSION", "Stable."))),
         Study(10000005, 50000010, "train", ["PA"], report(*head, ("CONCLUSION", "No pneumonia."))),
         Study(11000006, 50000011, "test", ["PA"], report(*head, ("FINDINGS", F11))),
@@ -51,9 +72,24 @@ def run(args, capsys):
 
 
 def prepare(files, out, capsys, *extra, reports=None, split=None):
-    return run(["mimic_cxr", "--reports", str(reports or files.reports), "--split", str(split or files.split),
-                "--metadata", str(files.metadata), "--images", str(files.images), "--output", str(out),
-                "--no-progress", *extra], capsys)
+    return run(
+        [
+            "mimic_cxr",
+            "--reports",
+            str(reports or files.reports),
+            "--split",
+            str(split or files.split),
+            "--metadata",
+            str(files.metadata),
+            "--images",
+            str(files.images),
+            "--output",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        capsys,
+    )
 
 
 def entries_of(out):
@@ -74,8 +110,10 @@ def test_section_names_as_mit_lcp():
 def test_split_sections_quirks():
     # a section cannot end on its own first line: a header on the next line is part of it
     text = "                FINAL REPORT\n FINDINGS:\n IMPRESSION:  Normal.\n"
-    assert split_sections(text) == [("preamble", "                FINAL REPORT\n "),
-                                    ("findings", " IMPRESSION:  Normal.\n")]
+    assert split_sections(text) == [
+        ("preamble", "                FINAL REPORT\n "),
+        ("findings", " IMPRESSION:  Normal.\n"),
+    ]
     # empty findings are dropped; the last findings section is the one used
     text = "X\n FINDINGS: \n \n FINDINGS:  First.\n \n FINDINGS:  Second one.\n \n IMPRESSION:  Done.\n"
     assert report_text(text, "findings") == "Second one."
@@ -107,9 +145,20 @@ def test_golden_output(mimic, tmp_path, capsys):
         "val": [(s[50000003], 0, F3)],
         "test": [(s[50000004], 0, F4), (s[50000004], 1, F4), (s[50000011], 0, F11)],
     }
-    assert ann == {split: [{"id": st.dicoms[k], "study_id": st.study, "subject_id": st.subject, "report": text,
-                            "image_path": [st.image_paths()[k]], "split": split} for st, k, text in rows]
-                   for split, rows in expect.items()}
+    assert ann == {
+        split: [
+            {
+                "id": st.dicoms[k],
+                "study_id": st.study,
+                "subject_id": st.subject,
+                "report": text,
+                "image_path": [st.image_paths()[k]],
+                "split": split,
+            }
+            for st, k, text in rows
+        ]
+        for split, rows in expect.items()
+    }
     assert ann["test"][2]["image_path"][0].startswith("p11/p11000006/s50000011/")
     assert "mimic_cxr: kept 6 images (train 2, val 1, test 3)" in stdout
     assert "(4 studies; one entry per image)" in stdout
@@ -156,8 +205,19 @@ def _csv_gz(path, text):
     return path
 
 
-@pytest.mark.parametrize("case", ["damaged_zip", "missing_column", "bad_split", "not_utf8_csv", "strict_image",
-                                  "strict_report", "views_without_metadata", "truncated_gz"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "damaged_zip",
+        "missing_column",
+        "bad_split",
+        "not_utf8_csv",
+        "strict_image",
+        "strict_report",
+        "views_without_metadata",
+        "truncated_gz",
+    ],
+)
 def test_bad_inputs(mimic, tmp_path, capsys, case):
     _, files = mimic
     out = tmp_path / "out"
@@ -170,8 +230,9 @@ def test_bad_inputs(mimic, tmp_path, capsys, case):
         kw["split"] = _csv_gz(tmp_path / "split.csv.gz", "dicom_id,study_id,subject_id\na,1,2\n")
         expect = "split.csv.gz: missing column(s) split"
     elif case == "bad_split":
-        kw["split"] = _csv_gz(tmp_path / "split.csv.gz",
-                              "dicom_id,study_id,subject_id,split\na,50000001,10000001,train\nb,1,2,training\n")
+        kw["split"] = _csv_gz(
+            tmp_path / "split.csv.gz", "dicom_id,study_id,subject_id,split\na,50000001,10000001,train\nb,1,2,training\n"
+        )
         expect = "split.csv.gz: line 3: split 'training' is not one of"
     elif case == "not_utf8_csv":
         kw["split"] = _csv_gz(tmp_path / "split.csv.gz", "dicom_id,study_id,subject_id,split\n\xe9,1,2,train\n")
@@ -184,13 +245,29 @@ def test_bad_inputs(mimic, tmp_path, capsys, case):
         extra = ["--strict"]
         expect = "s50000006/" + dicom_id(10000003, 50000006, 0) + ".jpg not found (--strict)"
     elif case == "strict_report":
-        kw["split"] = _csv_gz(tmp_path / "split.csv.gz", "dicom_id,study_id,subject_id,split\n"
-                              f"{dicom_id(10000003, 50000007, 0)},50000007,10000003,train\n")
+        kw["split"] = _csv_gz(
+            tmp_path / "split.csv.gz",
+            f"dicom_id,study_id,subject_id,split\n{dicom_id(10000003, 50000007, 0)},50000007,10000003,train\n",
+        )
         extra = ["--strict"]
         expect = "s50000007.txt: not UTF-8 text"
     else:
-        code, _, err = run(["mimic_cxr", "--reports", str(files.reports), "--split", str(files.split),
-                            "--images", str(files.images), "--views", "PA", "--output", str(out)], capsys)
+        code, _, err = run(
+            [
+                "mimic_cxr",
+                "--reports",
+                str(files.reports),
+                "--split",
+                str(files.split),
+                "--images",
+                str(files.images),
+                "--views",
+                "PA",
+                "--output",
+                str(out),
+            ],
+            capsys,
+        )
         assert code == 2 and "--views needs --metadata" in err
         return
     code, _, err = prepare(files, out, capsys, *extra, **kw)

@@ -3,6 +3,7 @@
 :mod:`cmn.text_ref` restates the reference (R2GenCMN) cleaning in plain Python; the
 golden tests below pin each of its quirks with literal expected strings.
 """
+
 import sys
 import unicodedata
 
@@ -89,10 +90,71 @@ def test_whitespace_and_punctuation_match_python_for_the_bmp_start():
 # -- property tests against the reference ---------------------------------------------
 
 FRAGMENTS = [
-    "1. ", ". 2. ", " 3. ", " 4. ", ". 5. ", "11. ", "___", "__", "_", "..", "...", ". ", "  ", "\n",
-    "\t", "\x1c", "\xa0", "\u2028", "\x00", "\x7f", "\x0b", "(", ")", "[", "]", "{", "}", ":", "<", ">", "=", "@", "-", "'", '"',
-    "/", "\\", "?", "!", "%", "^", "&", "*", "+", ",", ";", "İ", "Σ", "ß", "é", "ﬁ", "Ⅻ", "\u0301",
-    "The", "lungs", "are", "clear", "No", "pleural", "effusion", "PA", "AP", "CHF", "x", "2cm",
+    "1. ",
+    ". 2. ",
+    " 3. ",
+    " 4. ",
+    ". 5. ",
+    "11. ",
+    "___",
+    "__",
+    "_",
+    "..",
+    "...",
+    ". ",
+    "  ",
+    "\n",
+    "\t",
+    "\x1c",
+    "\xa0",
+    "\u2028",
+    "\x00",
+    "\x7f",
+    "\x0b",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ":",
+    "<",
+    ">",
+    "=",
+    "@",
+    "-",
+    "'",
+    '"',
+    "/",
+    "\\",
+    "?",
+    "!",
+    "%",
+    "^",
+    "&",
+    "*",
+    "+",
+    ",",
+    ";",
+    "İ",
+    "Σ",
+    "ß",
+    "é",
+    "ﬁ",
+    "Ⅻ",
+    "\u0301",
+    "The",
+    "lungs",
+    "are",
+    "clear",
+    "No",
+    "pleural",
+    "effusion",
+    "PA",
+    "AP",
+    "CHF",
+    "x",
+    "2cm",
 ]
 known_text = st.text(st.characters(blacklist_categories=("Cs", "Cn")), max_size=200)
 fragment_text = st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join)
@@ -159,11 +221,31 @@ CASED, IGNORABLE = _sigma_roles(_NEAR)
 # Unassigned here, so lowered and classified by Rust's newer tables unless the cleaner
 # follows this interpreter.
 UNASSIGNED = [c for c in _NEAR if unicodedata.category(c) == "Cn"]
-NAMED = ["ΟΣʕ", "ΑΣ\ua7cb", "\ua7cbΣ", "ΑΣ\u1c89", "ΑΣ\U00010d50", "ΑΣ\U00016ea0", "Α\u0345Σ", "ΑΣ\u0345",
-         "Α'Σ'", "Α.Σ.Α", "ʕΣ", "ʕ'Σ", "Σʕ", "ΑΣʕΣ", "ΌΣΟΣ. ΣΟΦΟΣ", "ΑΣ\u00ad", "Α\u00adΣ\u00adΑ"]
+NAMED = [
+    "ΟΣʕ",
+    "ΑΣ\ua7cb",
+    "\ua7cbΣ",
+    "ΑΣ\u1c89",
+    "ΑΣ\U00010d50",
+    "ΑΣ\U00016ea0",
+    "Α\u0345Σ",
+    "ΑΣ\u0345",
+    "Α'Σ'",
+    "Α.Σ.Α",
+    "ʕΣ",
+    "ʕ'Σ",
+    "Σʕ",
+    "ΑΣʕΣ",
+    "ΌΣΟΣ. ΣΟΦΟΣ",
+    "ΑΣ\u00ad",
+    "Α\u00adΣ\u00adΑ",
+]
 sigma_text = st.lists(
     st.one_of(
-        st.just("Σ"), st.sampled_from(CASED), st.sampled_from(IGNORABLE), st.sampled_from(UNASSIGNED),
+        st.just("Σ"),
+        st.sampled_from(CASED),
+        st.sampled_from(IGNORABLE),
+        st.sampled_from(UNASSIGNED),
         st.sampled_from(["σ", "ς", " ", ".", ". ", "'", "A", "a", "\n", "ʕ", "\u0345"]),
     ),
     max_size=24,
@@ -200,7 +282,11 @@ def test_utf8_bytes_are_accepted():
 
 @pytest.mark.parametrize(
     "bad, message",
-    [("ok \udcff", "lone surrogate"), (b"ok \xff", "not valid UTF-8: invalid byte at offset 3"), (42, "must be str or bytes")],
+    [
+        ("ok \udcff", "lone surrogate"),
+        (b"ok \xff", "not valid UTF-8: invalid byte at offset 3"),
+        (42, "must be str or bytes"),
+    ],
 )
 def test_bad_text_is_a_data_error(bad, message):
     with pytest.raises(DataError, match=message):

@@ -1,4 +1,5 @@
 """Vocabulary and tokenization: reference ids, truncation, decoding, tokenizer.json."""
+
 import json
 import pickle
 
@@ -14,10 +15,15 @@ from cmn.text import Tokenizer, clean_report
 from cmn.text_ref import RefTokenizer
 
 SENTENCES = [
-    "The lungs are clear.", "No pleural effusion or pneumothorax.", "Heart size is normal.",
-    "1. Mild cardiomegaly. 2. No focal consolidation.", "Dr. ___ was notified at ___.",
-    "Opacité in the left base; ? atelectasis.", "Stable (unchanged) since __/__/____.",
-    "Pacemaker leads terminate in the right atrium and ventricle.", "ΟΔΟΣ\x1cnormal",
+    "The lungs are clear.",
+    "No pleural effusion or pneumothorax.",
+    "Heart size is normal.",
+    "1. Mild cardiomegaly. 2. No focal consolidation.",
+    "Dr. ___ was notified at ___.",
+    "Opacité in the left base; ? atelectasis.",
+    "Stable (unchanged) since __/__/____.",
+    "Pacemaker leads terminate in the right atrium and ventricle.",
+    "ΟΔΟΣ\x1cnormal",
 ]
 
 
@@ -119,12 +125,34 @@ def test_file_resaved_by_tokenizers_needs_the_dataset(tmp_path):
     "content, message",
     [
         ("{", "not valid JSON"),
-        ("{}", "no \"model\" entry"),
+        ("{}", 'no "model" entry'),
         (json.dumps({"model": {"type": "BPE"}}), "WordLevel"),
-        (json.dumps({"model": {"type": "WordLevel", "unk_token": "<unk>", "cmn_dataset": "iu_xray",
-                               "vocab": {"<pad>": 0, "a": 1}}}), "no <unk> token"),
-        (json.dumps({"model": {"type": "WordLevel", "unk_token": "<unk>", "cmn_dataset": "iu_xray",
-                               "vocab": {"<pad>": 0, "<unk>": 3}}}), "gap"),
+        (
+            json.dumps(
+                {
+                    "model": {
+                        "type": "WordLevel",
+                        "unk_token": "<unk>",
+                        "cmn_dataset": "iu_xray",
+                        "vocab": {"<pad>": 0, "a": 1},
+                    }
+                }
+            ),
+            "no <unk> token",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": {
+                        "type": "WordLevel",
+                        "unk_token": "<unk>",
+                        "cmn_dataset": "iu_xray",
+                        "vocab": {"<pad>": 0, "<unk>": 3},
+                    }
+                }
+            ),
+            "gap",
+        ),
     ],
 )
 def test_malformed_file_is_a_data_error_naming_it(tmp_path, content, message):
@@ -183,7 +211,11 @@ def test_every_accepted_file_reads_back_the_same(tmp_path):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda tok: tok.encode_batch("the lungs", 4), TypeError, "reports must be a list of reports, not a single str"),
+        (
+            lambda tok: tok.encode_batch("the lungs", 4),
+            TypeError,
+            "reports must be a list of reports, not a single str",
+        ),
         (lambda tok: tok.encode_batch(b"the lungs", 4), TypeError, "not a single bytes"),
         (lambda tok: Tokenizer.build("the lungs", 1, "iu_xray"), TypeError, "reports must be a list of reports"),
         (lambda tok: tok.decode("12"), TypeError, "ids must be a sequence of ints, not str"),
@@ -192,7 +224,11 @@ def test_every_accepted_file_reads_back_the_same(tmp_path):
         (lambda tok: tok.decode_batch("12"), TypeError, "rows of ints, not str"),
         (lambda tok: tok.id_to_token(1.5), TypeError, "float"),
         (lambda tok: tok.encode_batch(["a"], 2.5), TypeError, "max_len"),
-        (lambda tok: tok.encode_batch(["a"], 2**40), ValueError, "max_len must be an integer from 0 to 1048576, got 1099511627776"),
+        (
+            lambda tok: tok.encode_batch(["a"], 2**40),
+            ValueError,
+            "max_len must be an integer from 0 to 1048576, got 1099511627776",
+        ),
         (lambda tok: tok.encode_batch(["a"], -(2**70)), ValueError, "max_len must be an integer from 0 to 1048576"),
         (lambda tok: Tokenizer.build(["a"], 2.5, "iu_xray"), TypeError, "threshold"),
         (lambda tok: Tokenizer.from_str("{\ud800}"), DataError, "lone surrogate"),

@@ -1,26 +1,14 @@
 """Training: overfitting two studies, a full tiny run, and exact resumption."""
+
 import json
 
 import pytest
 import torch
 
-from cmn.config import DataConfig, TrainConfig
 from cmn.engine import masked_nll
 from cmn.model import build_model
 from cmn.text import Tokenizer
-from test_model import tiny_cfg
-
-TINY_MODEL = dict(variant="cmn", visual_extractor="resnet18", d_model=32, d_ff=32, num_heads=4, num_layers=1,
-                  memory_size=32, topk=4, dropout=0.1, drop_prob_lm=0.1, num_views=2, max_seq_length=60)
-
-
-def tiny_run(tmp_path, out, workers=0, **train_kw):
-    data = DataConfig(dataset="demo", image_size=64, batch_size=4, num_workers=workers, demo_size=(8, 4, 4),
-                      clinical=True, hflip=True)
-    kw = dict(epochs=2, seed=3, output_dir=str(tmp_path / out), visual_weights=None, beam_size=2,
-              lr_ve=1e-3, lr_ed=1e-3, step_size=1, gamma=0.5)
-    kw.update(train_kw)
-    return data, dict(TINY_MODEL), TrainConfig(**kw)
+from helpers.tiny import tiny_cfg, tiny_run
 
 
 @pytest.fixture(autouse=True)
@@ -29,8 +17,7 @@ def demo_dir(tmp_path_factory, monkeypatch):
 
 
 def test_tiny_model_overfits_two_studies():
-    reports = ["the heart is enlarged . there is a left pleural effusion .",
-               "the lungs are clear . no pneumothorax ."]
+    reports = ["the heart is enlarged . there is a left pleural effusion .", "the lungs are clear . no pneumothorax ."]
     tok = Tokenizer.build(reports, 1, "iu_xray")
     torch.manual_seed(0)
     model = build_model(tiny_cfg(vocab_size=len(tok), dropout=0.0, drop_prob_lm=0.0, max_seq_length=20))
@@ -80,9 +67,10 @@ def test_tiny_training_run_writes_metrics_and_checkpoints(tmp_path):
 def test_resume_continues_exactly(tmp_path, workers):
     """Killed after epoch 1 and resumed (random crops and flips on, loader workers or not):
     weights, optimizer, scheduler and losses equal an uninterrupted run bit for bit."""
+    from safetensors.torch import load_file
+
     from cmn.checkpoint import load_trainer_state
     from cmn.train import run_training
-    from safetensors.torch import load_file
 
     run_training(*tiny_run(tmp_path, "straight", workers, epochs=3), progress=False, quiet=True)
     run_training(*tiny_run(tmp_path, "resumed", workers, epochs=1), progress=False, quiet=True)
@@ -95,7 +83,7 @@ def test_resume_continues_exactly(tmp_path, workers):
     sa, sb = load_trainer_state(a), load_trainer_state(b)
     assert sa["epoch"] == sb["epoch"] == 3
     assert sa["scheduler"] == sb["scheduler"]
-    for (ka, va), (kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
+    for (ka, va), (_kb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
         for name in va:
             assert torch.equal(va[name], vb[name]), (ka, name)
     assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]

@@ -1,4 +1,5 @@
 """Trainer state without pickle: round trip, and no code from a run folder ever runs."""
+
 import json
 import os
 import random
@@ -12,9 +13,36 @@ from cmn.checkpoint import decode_state, encode_state, load_trainer_state
 from cmn.cli import train_main
 from cmn.errors import CheckpointError
 
-TINY = ["--dataset", "demo", "--demo-size", "8", "4", "4", "--image-size", "64", "--batch-size", "4",
-        "--num-workers", "0", "--d-model", "32", "--d-ff", "32", "--num-heads", "4", "--num-layers", "1",
-        "--memory-size", "32", "--topk", "4", "--beam-size", "2", "--no-progress", "--quiet"]
+TINY = [
+    "--dataset",
+    "demo",
+    "--demo-size",
+    "8",
+    "4",
+    "4",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "32",
+    "--num-heads",
+    "4",
+    "--num-layers",
+    "1",
+    "--memory-size",
+    "32",
+    "--topk",
+    "4",
+    "--beam-size",
+    "2",
+    "--no-progress",
+    "--quiet",
+]
 
 
 class Payload:
@@ -32,9 +60,14 @@ def test_state_tree_round_trip():
     opt.param_groups[0]["params"][0].grad = torch.ones(3, 2)
     opt.step()
     state = {
-        "optimizer": opt.state_dict(), "epoch": 3, "best_score": float("-inf"), "nan": float("nan"),
+        "optimizer": opt.state_dict(),
+        "epoch": 3,
+        "best_score": float("-inf"),
+        "nan": float("nan"),
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-        "best_val": {"BLEU_4": 0.25}, "monitor": np.float64(0.5), "t": (1, "a", None, True),
+        "best_val": {"BLEU_4": 0.25},
+        "monitor": np.float64(0.5),
+        "t": (1, "a", None, True),
     }
     tree, tensors = encode_state(state)
     json.dumps(tree)  # plain JSON

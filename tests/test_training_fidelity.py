@@ -4,6 +4,7 @@ The spec is the reference's order of computation, written out here: the CNN (pla
 torchvision BatchNorm) runs once per view in training mode, view 0 then view 1, the patch
 sequences are concatenated, and the rest of the model follows.
 """
+
 import copy
 
 import pytest
@@ -18,8 +19,20 @@ BOUND = 1e-10  # fp64: same operations in another grouping
 
 
 def tiny(**kw):
-    cfg = dict(vocab_size=12, visual_extractor="resnet18", d_model=32, d_ff=32, num_heads=4, num_layers=1,
-               memory_size=16, topk=4, dropout=0.0, attention_dropout=0.0, drop_prob_lm=0.0, num_views=2)
+    cfg = dict(
+        vocab_size=12,
+        visual_extractor="resnet18",
+        d_model=32,
+        d_ff=32,
+        num_heads=4,
+        num_layers=1,
+        memory_size=16,
+        topk=4,
+        dropout=0.0,
+        attention_dropout=0.0,
+        drop_prob_lm=0.0,
+        num_views=2,
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     return build_model(ModelConfig(**cfg)).double()
@@ -109,5 +122,11 @@ def test_dropout_placement_matches_the_reference():
     rates = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
     assert rates.pop("att_embed.2") == 0.5
     assert rates and set(rates.values()) == {0.3}, rates
-    assert {n.rsplit(".", 1)[0] for n in rates} >= {"src_pos", "tgt_pos", "encoder.layers.0", "encoder.layers.0.ff",
-                                                    "decoder.layers.0", "decoder.layers.0.ff"}
+    assert {n.rsplit(".", 1)[0] for n in rates} >= {
+        "src_pos",
+        "tgt_pos",
+        "encoder.layers.0",
+        "encoder.layers.0.ff",
+        "decoder.layers.0",
+        "decoder.layers.0.ff",
+    }

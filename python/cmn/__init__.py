@@ -1,4 +1,5 @@
 """cmn: Cross-modal Memory Networks for radiology report generation."""
+
 from cmn.errors import CheckpointError, CMNError, ConfigError, DataError
 
 try:
@@ -17,4 +18,4 @@ def load_checkpoint(path, device=None):
     return _load(path, device=device)
 
 
-__all__ = ["CMNError", "CheckpointError", "ConfigError", "DataError", "load_checkpoint", "__version__"]
+__all__ = ["CMNError", "CheckpointError", "ConfigError", "DataError", "__version__", "load_checkpoint"]

@@ -9,7 +9,9 @@ limits, never a panic or an abort: ``Tokenizer.encode_batch`` ``max_len`` 0 to 2
 ``vocab_size`` 1 to (2**63-1) // ``beam_size``. Batch calls refuse a single ``str`` or
 ``bytes`` (``TypeError``); arrays of another dtype or rank are a ``TypeError`` too.
 """
-from typing import Optional, Sequence, Union
+
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import numpy as np
 import numpy.typing as npt

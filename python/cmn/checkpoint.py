@@ -19,13 +19,14 @@ lands on and however many saves are killed in a row (the set-aside copy is delet
 ``<name>`` is complete), and :func:`resolve_bundle` finds it. Temporary folders left by kills
 are removed by :func:`cmn.fsutil.remove_stale_temps` (training does it at start).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import re
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -182,8 +183,10 @@ def load_state_into(model: torch.nn.Module, path: PathLike) -> None:
             details.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
         if wrong_shape:
             k = sorted(wrong_shape)[0]
-            details.append(f"{len(wrong_shape)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
-                           f"checkpoint vs {tuple(own[k].shape)} here)")
+            details.append(
+                f"{len(wrong_shape)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
+                f"checkpoint vs {tuple(own[k].shape)} here)"
+            )
         raise CheckpointError(
             f"{bundle}: weights do not fit this model ({'; '.join(details)}); it was saved from another model "
             "variant, backbone or vocabulary"
@@ -213,11 +216,13 @@ def data_info_of(config: dict[str, Any], model_cfg: ModelConfig, path: PathLike)
     for key in ("image_size", "num_views", "max_seq_length"):
         value = data.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not in_bounds(key, value):
-            raise CheckpointError(f"{path}: config.json: data.{key} must be an integer {describe_bounds(key)}, "
-                                  f"got {value!r}")
+            raise CheckpointError(
+                f"{path}: config.json: data.{key} must be an integer {describe_bounds(key)}, got {value!r}"
+            )
     if data["num_views"] != model_cfg.num_views:
-        raise CheckpointError(f"{path}: config.json: data.num_views {data['num_views']} differs from the model's "
-                              f"{model_cfg.num_views}")
+        raise CheckpointError(
+            f"{path}: config.json: data.num_views {data['num_views']} differs from the model's {model_cfg.num_views}"
+        )
     if data.get("clean_rule", "iu_xray") not in CLEAN_RULES:
         raise CheckpointError(f"{path}: config.json: data.clean_rule must be one of {', '.join(CLEAN_RULES)}")
     return dict(data)
@@ -232,8 +237,8 @@ class Bundle:
     (epoch, validation scores, conversion source); ``path`` the bundle folder it came from.
     """
 
-    model: "CMN"
-    tokenizer: "Tokenizer"
+    model: CMN
+    tokenizer: Tokenizer
     data: dict[str, Any]
     meta: dict[str, Any]
     path: Path
@@ -258,7 +263,7 @@ class Bundle:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: Union[str, torch.device]) -> "Bundle":
+    def to(self, device: Union[str, torch.device]) -> Bundle:
         self.model.to(device)
         return self
 
@@ -284,8 +289,9 @@ def load_checkpoint(path: PathLike, device: Optional[Union[str, torch.device]] =
     if device is not None:
         model.to(device)
     meta = config.get("meta", {})
-    return Bundle(model.eval(), tokenizer, data_info, dict(meta) if isinstance(meta, dict) else {},
-                  resolve_bundle(path))
+    return Bundle(
+        model.eval(), tokenizer, data_info, dict(meta) if isinstance(meta, dict) else {}, resolve_bundle(path)
+    )
 
 
 # ---- trainer state without pickle ------------------------------------------------------------
@@ -316,7 +322,12 @@ def encode_state(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             return {_TAG: "tensor", "k": put(x)}
         if isinstance(x, np.ndarray) and x.dtype != object:
             raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # bytes: any dtype safetensors lacks
-            return {_TAG: "ndarray", "k": put(torch.from_numpy(raw.copy())), "dtype": x.dtype.str, "shape": list(x.shape)}
+            return {
+                _TAG: "ndarray",
+                "k": put(torch.from_numpy(raw.copy())),
+                "dtype": x.dtype.str,
+                "shape": list(x.shape),
+            }
         if isinstance(x, np.generic):
             return {_TAG: "npscalar", "dtype": x.dtype.str, "v": enc(x.item())}
         if isinstance(x, tuple):

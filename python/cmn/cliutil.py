@@ -8,6 +8,7 @@ bug in cmn and keeps its traceback.
 The argument types check numbers at the command-line edge, so ``--batch-size 0`` is
 argparse's one-line usage error (exit 2) rather than a failure deep inside.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,8 @@ import functools
 import math
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 from cmn.errors import CMNError
 
@@ -33,7 +35,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         if message.startswith("argument "):
-            message = message[len("argument "):]
+            message = message[len("argument ") :]
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
@@ -111,13 +113,14 @@ def _quiet_stdout(stream) -> None:
 
 
 # ---- argument types ---------------------------------------------------------------------
-def _number(kind: type, lo: Optional[float], hi: Optional[float], lo_open: bool = False, hi_open: bool = False,
-            what: str = "") -> Callable[[str], float]:
+def _number(
+    kind: type, lo: Optional[float], hi: Optional[float], lo_open: bool = False, hi_open: bool = False, what: str = ""
+) -> Callable[[str], float]:
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if lo is not None and (value < lo or (lo_open and value == lo)):
@@ -178,5 +181,16 @@ def bounded(name: str) -> Callable[[str], float]:
     return _number(kind, lo, hi, lo_open, hi_open, what=describe_bounds(name))
 
 
-__all__ = ["ArgumentParser", "UsageError", "bounded", "int_range", "nonneg_float", "nonneg_int", "positive_float", "positive_int", "probability",
-           "unit_interval_open", "user_errors"]
+__all__ = [
+    "ArgumentParser",
+    "UsageError",
+    "bounded",
+    "int_range",
+    "nonneg_float",
+    "nonneg_int",
+    "positive_float",
+    "positive_int",
+    "probability",
+    "unit_interval_open",
+    "user_errors",
+]

@@ -10,14 +10,16 @@ Each (variant or swept value, seed) is one ``cmn-train`` run in its own folder u
 the test scores, in the layout of the paper's Table 2; a sweep also draws ``sweep_<name>.png``
 (scores against the swept value, like the paper's Figures 3-4; needs ``cmn[plot]``).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from cmn.cliutil import ArgumentParser, user_errors
 from cmn.config import MODEL_VARIANTS
@@ -25,10 +27,24 @@ from cmn.errors import CMNError, ConfigError
 from cmn.fsutil import write_atomic, write_json
 
 # swept setting -> the cmn-train flag that sets it
-SWEEPABLE = {"memory_size": "--memory-size", "topk": "--topk", "num_layers": "--num-layers",
-             "num_heads": "--num-heads", "d_model": "--d-model"}
-COLUMNS = [("BLEU_1", "BL-1"), ("BLEU_2", "BL-2"), ("BLEU_3", "BL-3"), ("BLEU_4", "BL-4"), ("METEOR", "MTR"),
-           ("ROUGE_L", "RG-L"), ("CE_precision", "CE P"), ("CE_recall", "CE R"), ("CE_F1", "CE F1")]
+SWEEPABLE = {
+    "memory_size": "--memory-size",
+    "topk": "--topk",
+    "num_layers": "--num-layers",
+    "num_heads": "--num-heads",
+    "d_model": "--d-model",
+}
+COLUMNS = [
+    ("BLEU_1", "BL-1"),
+    ("BLEU_2", "BL-2"),
+    ("BLEU_3", "BL-3"),
+    ("BLEU_4", "BL-4"),
+    ("METEOR", "MTR"),
+    ("ROUGE_L", "RG-L"),
+    ("CE_precision", "CE P"),
+    ("CE_recall", "CE R"),
+    ("CE_F1", "CE F1"),
+]
 PAPER_NAMES = {"base": "BASE", "mem": "BASE+MEM", "cmn": "BASE+CMN"}
 # flags cmn-compare sets for each run itself
 _OWN_FLAGS = ("--model", "--seed", "--output-dir", "--resume", "--overwrite")
@@ -83,8 +99,14 @@ def markdown(summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[in
     cols = [(k, h) for k, h in COLUMNS if any(k in row for row in summary.values())]
     if any("demo_findings_F1" in row for row in summary.values()):
         cols.append(("demo_findings_F1", "findings F1"))
-    lines = [f"# {title}", "", f"Test split, mean ± standard deviation over seeds {', '.join(map(str, seeds))}.", "",
-             "| model | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [
+        f"# {title}",
+        "",
+        f"Test split, mean ± standard deviation over seeds {', '.join(map(str, seeds))}.",
+        "",
+        "| model | " + " | ".join(h for _, h in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for group, row in summary.items():
         cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-" for k, _ in cols]
         lines.append(f"| {PAPER_NAMES.get(group, group)} | " + " | ".join(cells) + " |")
@@ -101,8 +123,9 @@ def plot_sweep(path: Path, name: str, values: list[str], summary: dict[str, dict
     for key, label in (("BLEU_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CE_F1", "CE F1")):
         rows = [summary[f"{name}={v}"].get(key) for v in values]
         if all(r is not None for r in rows):
-            ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3,
-                        label=label)
+            ax.errorbar(
+                xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3, label=label
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, values)
     ax.set_xlabel(name)
@@ -117,15 +140,21 @@ def plot_sweep(path: Path, name: str, values: list[str], summary: dict[str, dict
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(
-        prog="cmn-compare", allow_abbrev=False,
+        prog="cmn-compare",
+        allow_abbrev=False,
         description="Run cmn-train for several model variants (or values of one setting) and seeds, then write "
-                    "comparison.md/.json with mean and standard deviation of the test scores (the paper's Table 2 "
-                    "layout; sweeps also as a PNG plot). Other flags are passed to every cmn-train run.",
+        "comparison.md/.json with mean and standard deviation of the test scores (the paper's Table 2 "
+        "layout; sweeps also as a PNG plot). Other flags are passed to every cmn-train run.",
     )
     p.add_argument("--model", default="base,mem,cmn", help="comma-separated variants (default base,mem,cmn)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
-                   help=f"vary one setting ({', '.join(SWEEPABLE)}); repeatable")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help=f"vary one setting ({', '.join(SWEEPABLE)}); repeatable",
+    )
     p.add_argument("--output-dir", required=True, type=Path, help="folder of the runs and the comparison files")
     return p
 
@@ -146,8 +175,9 @@ def _parse(args) -> tuple[list[str], list[tuple[str, list[str]]], list[int]]:
         name, _, values = spec.partition("=")
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if name not in SWEEPABLE or not vals or not all(v.isdigit() and int(v) > 0 for v in vals):
-            raise ConfigError(f"--sweep {spec}: expected NAME=V1,V2,... with NAME one of {', '.join(SWEEPABLE)} "
-                              "and positive integers")
+            raise ConfigError(
+                f"--sweep {spec}: expected NAME=V1,V2,... with NAME one of {', '.join(SWEEPABLE)} and positive integers"
+            )
         sweeps.append((name, vals))
     if sweeps and len(variants) > 1 and args.model != parser().get_default("model"):
         raise ConfigError("--sweep varies one setting of one variant: give at most one --model")
@@ -173,8 +203,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"[{i}/{len(runs)}] {run.folder}: done before, kept", file=sys.stderr)
         else:
             resume = ["--resume"] if (folder / "last").exists() else ["--overwrite"] if folder.exists() else []
-            print(f"[{i}/{len(runs)}] {run.folder}: training{' (resumed)' if resume == ['--resume'] else ''}",
-                  file=sys.stderr)
+            print(
+                f"[{i}/{len(runs)}] {run.folder}: training{' (resumed)' if resume == ['--resume'] else ''}",
+                file=sys.stderr,
+            )
             argv_run = [*train_flags, *run.flags, "--seed", str(run.seed), "--output-dir", str(folder), *resume]
             code = train_main(argv_run)
             if code != 0:
@@ -185,8 +217,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"{metrics_file}: cannot be read ({e})") from None
     summary = summarize(results)
     title = "Sweep of " + ", ".join(n for n, _ in sweeps) if sweeps else "Model variants (the paper's Table 2)"
-    write_json(out / "comparison.json", {"seeds": seeds, "train_flags": train_flags,
-                                         "runs": {r.folder: r.group for r in runs}, "summary": summary})
+    write_json(
+        out / "comparison.json",
+        {"seeds": seeds, "train_flags": train_flags, "runs": {r.folder: r.group for r in runs}, "summary": summary},
+    )
     write_atomic(out / "comparison.md", markdown(summary, seeds, title))
     for name, values in sweeps:
         try:

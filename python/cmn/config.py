@@ -4,6 +4,7 @@ Only :mod:`cmn.cli` turns command-line flags into these; every other module rece
 values it needs as explicit arguments. A preset carries the reference code's defaults for a
 dataset (zhjohnchan/R2GenCMN run scripts); any flag the user gives overrides it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -138,7 +139,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -170,8 +171,7 @@ class DataConfig:
         if self.clean_rule not in CLEAN_RULES:
             raise ConfigError(f"clean_rule must be one of {', '.join(CLEAN_RULES)}, got {self.clean_rule!r}")
         if self.demo_size is not None:
-            if len(self.demo_size) != 3 or not all(isinstance(n, int) and 1 <= n <= 1_000_000
-                                                   for n in self.demo_size):
+            if len(self.demo_size) != 3 or not all(isinstance(n, int) and 1 <= n <= 1_000_000 for n in self.demo_size):
                 raise ConfigError(f"--demo-size needs three study counts from 1 to 1000000, got {self.demo_size}")
 
 
@@ -205,11 +205,12 @@ class TrainConfig:
     trust_pickled_state: bool = False  # --resume may read a cmn 0.1 trainer_state.pt (weights_only, no code runs)
     visual_weights: Optional[str] = "imagenet"  # imagenet | PATH to a state dict | None (random init)
     checkpoint_visual: bool = False  # recompute the CNN's block activations in the backward (less memory)
-    low_memory: bool = False  # = precision bf16 + checkpoint_visual: a training step's peak about 1/4 of the reference's
+    low_memory: bool = (
+        False  # = precision bf16 + checkpoint_visual: a training step's peak about 1/4 of the reference's
+    )
     freeze_bn: bool = False  # BatchNorm on running statistics (small per-GPU batches, exact DDP equivalence)
     sync_bn: bool = True  # under torchrun on CUDA, SyncBatchNorm so batch statistics span all ranks
     eval_max_batches: Optional[int] = None  # cap validation/test batches (smoke tests)
-    log_every: int = 50
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -222,8 +223,10 @@ class TrainConfig:
         if self.decode not in DECODINGS:
             raise ConfigError(f"--decode must be one of {', '.join(DECODINGS)}, got {self.decode!r}")
         if self.decode == "reference" and (self.beam_size < 2 or self.block_ngram):
-            raise ConfigError("--decode reference needs --beam-size >= 2 and no --block-ngram (the reference samples "
-                              "at random with beam 1, and its trigram blocking does nothing with beams)")
+            raise ConfigError(
+                "--decode reference needs --beam-size >= 2 and no --block-ngram (the reference samples "
+                "at random with beam 1, and its trigram blocking does nothing with beams)"
+            )
         if self.init_from and self.resume:
             raise ConfigError("--init-from starts a new run; --resume continues one: give only one of them")
 
@@ -246,8 +249,15 @@ PRESETS: dict[str, Preset] = {
     ),
     # train_mimic_cxr.sh of the reference code
     "mimic_cxr": Preset(
-        data=dict(num_views=1, max_seq_length=100, threshold=10, batch_size=16, image_size=224,
-                  clean_rule="mimic_cxr", clinical=True),
+        data=dict(
+            num_views=1,
+            max_seq_length=100,
+            threshold=10,
+            batch_size=16,
+            image_size=224,
+            clean_rule="mimic_cxr",
+            clinical=True,
+        ),
         model=dict(visual_extractor="resnet101", num_views=1, max_seq_length=100),
         train=dict(epochs=30, lr_ve=1e-4, lr_ed=5e-4, step_size=3, gamma=0.8, seed=9153, early_stop=50),
     ),
@@ -255,14 +265,36 @@ PRESETS: dict[str, Preset] = {
     # small images and a smaller memory; the model code is the paper configuration's.
     "demo": Preset(
         # hflip off: demo reports name the side of a finding, so a mirrored image contradicts them
-        data=dict(num_views=2, max_seq_length=60, threshold=3, batch_size=16, image_size=96, clean_rule="iu_xray",
-                  clinical=True, hflip=False, demo_size=DEMO_SIZE),
+        data=dict(
+            num_views=2,
+            max_seq_length=60,
+            threshold=3,
+            batch_size=16,
+            image_size=96,
+            clean_rule="iu_xray",
+            clinical=True,
+            hflip=False,
+            demo_size=DEMO_SIZE,
+        ),
         model=dict(
-            visual_extractor="resnet18", num_views=2, max_seq_length=60, d_model=256, d_ff=256,
-            num_heads=8, num_layers=3, memory_size=512, topk=32,
+            visual_extractor="resnet18",
+            num_views=2,
+            max_seq_length=60,
+            d_model=256,
+            d_ff=256,
+            num_heads=8,
+            num_layers=3,
+            memory_size=512,
+            topk=32,
         ),
         train=dict(
-            epochs=10, lr_ve=1e-3, lr_ed=1e-3, step_size=4, gamma=0.8, seed=1234, early_stop=6,
+            epochs=10,
+            lr_ve=1e-3,
+            lr_ed=1e-3,
+            step_size=4,
+            gamma=0.8,
+            seed=1234,
+            early_stop=6,
             visual_weights=None,
         ),
     ),

@@ -11,6 +11,7 @@ Per step only ``(items, 2 * beam)`` candidate scores and indices cross to the CP
 items that are finished are dropped from the decoder with :meth:`reorder`, and the
 search stops as soon as every item is done.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Protocol, Union
@@ -62,8 +63,13 @@ def beam_search(
     Selection rules: :class:`cmn.text.BeamSearch`; reference: :func:`cmn.text_ref.beam_search_ref`.
     """
     state = BeamSearch(
-        batch_size, beam_size, max_len, eos_id=eos_id, length_penalty=length_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, n_best=n_best,
+        batch_size,
+        beam_size,
+        max_len,
+        eos_id=eos_id,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        n_best=n_best,
     )
     dev = _device(decoder, device)
     tokens = torch.full((batch_size * beam_size,), bos_id, dtype=torch.long, device=dev)  # (R,)
@@ -81,9 +87,7 @@ def beam_search(
         cand = (logp + cum.to(logp.device)[:, None]).view(R // beam_size, beam_size * V)  # (n, beam*V)
         k = min(2 * beam_size, beam_size * V)
         top_scores, top_index = cand.topk(k, dim=1)  # (n, k)
-        next_tokens, reorder, next_cum = state.step(
-            top_scores.float().cpu().numpy(), top_index.cpu().numpy(), V
-        )
+        next_tokens, reorder, next_cum = state.step(top_scores.float().cpu().numpy(), top_index.cpu().numpy(), V)
         if state.done:
             break
         dev = logp.device
@@ -146,7 +150,7 @@ def reference_beam_search(
         lp = logp.reshape(batch_size, -1, V)  # (B, rows, V), rows = 1 at t = 0, b after
         prev = sums[:, :1] if t == 0 else sums  # (B, rows)
         cand = prev.unsqueeze(-1) + lp  # (B, rows, V)
-        ys, ix = torch.sort(cand.reshape(batch_size, -1), -1, True)
+        _ys, ix = torch.sort(cand.reshape(batch_size, -1), -1, True)
         ix = ix[:, :beam_size]  # (B, b)
         beam_ix = ix // V
         selected = ix % V

@@ -1,10 +1,12 @@
 """One epoch of training and one pass of evaluation, with explicit arguments (DETR-style)."""
+
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,8 +30,9 @@ def set_train_mode(model: torch.nn.Module, freeze_bn: bool = False) -> None:
                 m.eval()
 
 
-def masked_nll(logprobs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
-               token_total: Optional[torch.Tensor] = None) -> torch.Tensor:
+def masked_nll(
+    logprobs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, token_total: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The reference's language-model loss.
 
     logprobs (B, T-1, V) for targets[:, 1:]; targets (B, T) int64; masks (B, T).
@@ -144,8 +147,9 @@ def generate_split(
     return references, predictions
 
 
-def score(references: dict[str, str], predictions: dict[str, str], *, clinical: bool = False,
-          scorer=None) -> dict[str, float]:
+def score(
+    references: dict[str, str], predictions: dict[str, str], *, clinical: bool = False, scorer=None
+) -> dict[str, float]:
     """NLG scores (and CE when ``clinical``) through :mod:`cmn.metrics`; pass a
     :class:`cmn.metrics.NLGScorer` to keep one METEOR process across calls."""
     from cmn.metrics import evaluate_reports

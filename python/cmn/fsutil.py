@@ -10,6 +10,7 @@
 
 Temporary names are ``.<name>.tmp-<random>`` beside the target.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
 from cmn.errors import CMNError
 

@@ -1,13 +1,14 @@
 """Reports from image files with a loaded checkpoint: single study, many studies, batched."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from PIL import Image
 
-from typing import TYPE_CHECKING
 from cmn.errors import DataError
 
 if TYPE_CHECKING:
@@ -41,8 +42,9 @@ def group_studies(inputs: Sequence[PathLike], num_views: int) -> list[tuple[str,
                 elif len(images) == num_views:
                     studies.append((p.name, tuple(images)))
                 else:
-                    raise DataError(f"{p}: a study folder needs exactly {num_views} images for this model, "
-                                    f"found {len(images)}")
+                    raise DataError(
+                        f"{p}: a study folder needs exactly {num_views} images for this model, found {len(images)}"
+                    )
             else:
                 subdirs = sorted(d for d in p.iterdir() if d.is_dir())
                 if not subdirs:
@@ -51,8 +53,9 @@ def group_studies(inputs: Sequence[PathLike], num_views: int) -> list[tuple[str,
         elif p.is_file():
             pending.append(p)
             if len(pending) == num_views:
-                studies.append((pending[0].stem if num_views == 1 else pending[0].parent.name or pending[0].stem,
-                                tuple(pending)))
+                studies.append(
+                    (pending[0].stem if num_views == 1 else pending[0].parent.name or pending[0].stem, tuple(pending))
+                )
                 pending = []
         else:
             raise DataError(f"{p}: no such image file or folder")
@@ -76,8 +79,9 @@ def read_study_list(path: PathLike, num_views: int) -> list[tuple[str, tuple[Pat
         if not paths:
             continue
         if len(paths) != num_views:
-            raise DataError(f"--list {path}, line {n}: {len(paths)} image(s), but this model reads "
-                            f"{num_views} per study")
+            raise DataError(
+                f"--list {path}, line {n}: {len(paths)} image(s), but this model reads {num_views} per study"
+            )
         try:
             studies.extend(group_studies(paths, num_views))
         except DataError as e:
@@ -85,8 +89,9 @@ def read_study_list(path: PathLike, num_views: int) -> list[tuple[str, tuple[Pat
     return studies
 
 
-def collect_studies(inputs: Sequence[PathLike], list_file: Optional[PathLike],
-                    num_views: int) -> list[tuple[str, tuple[Path, ...]]]:
+def collect_studies(
+    inputs: Sequence[PathLike], list_file: Optional[PathLike], num_views: int
+) -> list[tuple[str, tuple[Path, ...]]]:
     """The studies of a command line: IMAGE arguments (:func:`group_studies`), then ``--list``."""
     studies = group_studies(inputs, num_views)
     if list_file:
@@ -96,7 +101,7 @@ def collect_studies(inputs: Sequence[PathLike], list_file: Optional[PathLike],
     return studies
 
 
-def load_study(bundle: "Bundle", views: Sequence[PathLike]) -> tuple[torch.Tensor, list]:
+def load_study(bundle: Bundle, views: Sequence[PathLike]) -> tuple[torch.Tensor, list]:
     """One study's image files (or PIL images) -> the model's input (V, 3, S, S) float32 and the decoded
     RGB PIL images, with the image settings of ``bundle`` (from :func:`cmn.load_checkpoint`)."""
     from cmn.data.images import build_transform, load_image
@@ -111,7 +116,7 @@ def load_study(bundle: "Bundle", views: Sequence[PathLike]) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def generate_reports(
-    bundle: "Bundle",
+    bundle: Bundle,
     studies: Sequence[Sequence[PathLike]],
     *,
     beam_size: int = 3,
@@ -130,6 +135,8 @@ def generate_reports(
     for start in range(0, len(studies), batch_size):
         chunk = studies[start : start + batch_size]
         images = torch.stack([load_study(bundle, views)[0] for views in chunk]).to(device)  # (B, V, 3, S, S)
-        seqs = bundle.model.generate(images, beam_size=beam_size, block_ngram=block_ngram, max_len=max_len, decode=decode)
+        seqs = bundle.model.generate(
+            images, beam_size=beam_size, block_ngram=block_ngram, max_len=max_len, decode=decode
+        )
         reports.extend(bundle.tokenizer.decode(list(s)) for s in seqs)
     return reports

@@ -1,4 +1,5 @@
 """Process set-up shared by the commands: device choice, distributed init, seeding, RNG state."""
+
 from __future__ import annotations
 
 import os

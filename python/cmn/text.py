@@ -27,11 +27,13 @@ ASCII text never needs the table.
 Batch calls (:func:`clean_reports`, :meth:`Tokenizer.build`,
 :meth:`Tokenizer.encode_batch`) release the GIL and use every core.
 """
+
 from __future__ import annotations
 
 import operator
 import os
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
 
 import numpy as np
 
@@ -109,19 +111,19 @@ class Tokenizer:
 
     @classmethod
     @_data_errors
-    def build(cls, reports: Iterable[Text], threshold: int, dataset: str) -> "Tokenizer":
+    def build(cls, reports: Iterable[Text], threshold: int, dataset: str) -> Tokenizer:
         """Vocabulary of the RAW training ``reports`` (cleaned here): tokens seen at least
         ``threshold`` times, plus ``<unk>``."""
         return cls(_native.Tokenizer.build(_as_list(reports, "reports"), threshold, dataset))
 
     @classmethod
     @_data_errors
-    def from_str(cls, text: str, dataset: Optional[str] = None) -> "Tokenizer":
+    def from_str(cls, text: str, dataset: Optional[str] = None) -> Tokenizer:
         """Parse a ``tokenizer.json`` document; ``dataset`` supplies or overrides the rule."""
         return cls(_native.Tokenizer.from_str(text, dataset))
 
     @classmethod
-    def from_file(cls, path: Union[str, os.PathLike], dataset: Optional[str] = None) -> "Tokenizer":
+    def from_file(cls, path: Union[str, os.PathLike], dataset: Optional[str] = None) -> Tokenizer:
         """Load a ``tokenizer.json`` written by :meth:`save`."""
         try:
             with open(path, encoding="utf-8") as f:
@@ -206,4 +208,4 @@ class Tokenizer:
         return f"Tokenizer(dataset={self.dataset!r}, size={len(self)})"
 
 
-__all__ = ["BeamSearch", "DATASETS", "Tokenizer", "clean_report", "clean_reports"]
+__all__ = ["DATASETS", "BeamSearch", "Tokenizer", "clean_report", "clean_reports"]

@@ -4,12 +4,14 @@ It restates, in plain Python, what the reference code (R2GenCMN's report cleanin
 vocabulary) does, and what a straightforward beam search returns. The fast paths in
 :mod:`cmn.text` (Rust) must agree with it exactly; nothing else in cmn imports it.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Callable, NamedTuple
 
 import numpy as np
 

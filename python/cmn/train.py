@@ -3,6 +3,7 @@
 Single process, or one process per GPU under ``torchrun`` (DistributedDataParallel; gloo on
 CPU, NCCL on CUDA). Rank 0 validates, writes checkpoints and logs; the others wait.
 """
+
 from __future__ import annotations
 
 import collections
@@ -14,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,15 @@ from cmn.runtime import DistInfo, init_distributed, rng_state, seed_everything, 
 DEMO_CACHE_ENV = "CMN_DEMO_DIR"
 LOG = "log.jsonl"
 # What a run leaves in its folder; a new run refuses to mix with these unless --resume/--overwrite.
-RUN_FILES = ("checkpoint", "last", ".checkpoint.previous", ".last.previous", LOG, "metrics.json",
-             "test_predictions.jsonl")
+RUN_FILES = (
+    "checkpoint",
+    "last",
+    ".checkpoint.previous",
+    ".last.previous",
+    LOG,
+    "metrics.json",
+    "test_predictions.jsonl",
+)
 
 
 def default_demo_dir() -> Path:
@@ -61,8 +69,10 @@ def _claim_run_folder(out_dir: Path, train: TrainConfig, dist_info: DistInfo) ->
     temporary folders killed saves left behind."""
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     if existing and not (train.resume or train.overwrite):
-        raise ConfigError(f"--output-dir {out_dir}: already holds a run ({', '.join(existing)}); pass --resume to "
-                          "continue it, --overwrite to replace it, or choose another folder")
+        raise ConfigError(
+            f"--output-dir {out_dir}: already holds a run ({', '.join(existing)}); pass --resume to "
+            "continue it, --overwrite to replace it, or choose another folder"
+        )
     if dist_info.is_main:
         if train.overwrite and not train.resume:
             for name in existing:
@@ -138,8 +148,14 @@ class _Run:
     @property
     def data_info(self) -> dict[str, Any]:
         d = self.data
-        return {"dataset": d.dataset, "clean_rule": d.clean_rule, "image_size": d.image_size,
-                "num_views": d.num_views, "max_seq_length": d.max_seq_length, "threshold": d.threshold}
+        return {
+            "dataset": d.dataset,
+            "clean_rule": d.clean_rule,
+            "image_size": d.image_size,
+            "num_views": d.num_views,
+            "max_seq_length": d.max_seq_length,
+            "threshold": d.threshold,
+        }
 
     @property
     def clinical(self) -> bool:
@@ -148,8 +164,13 @@ class _Run:
     @property
     def eval_kw(self) -> dict[str, Any]:
         t = self.train
-        return dict(beam_size=t.beam_size, block_ngram=t.block_ngram, precision=t.precision,
-                    max_batches=t.eval_max_batches, decode=t.decode)
+        return dict(
+            beam_size=t.beam_size,
+            block_ngram=t.block_ngram,
+            precision=t.precision,
+            max_batches=t.eval_max_batches,
+            decode=t.decode,
+        )
 
 
 def run_training(
@@ -238,8 +259,14 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
 
     def dataset(split: str, is_train: bool) -> ReportDataset:
         return ReportDataset(
-            splits[split], image_dir, data.num_views, build_transform(data.image_size, train=is_train, hflip=data.hflip),
-            encode=tokenizer.encode_batch, max_seq_length=data.max_seq_length, image_cache=cache, ann_path=ann_path,
+            splits[split],
+            image_dir,
+            data.num_views,
+            build_transform(data.image_size, train=is_train, hflip=data.hflip),
+            encode=tokenizer.encode_batch,
+            max_seq_length=data.max_seq_length,
+            image_cache=cache,
+            ann_path=ann_path,
             augment_seed=train.seed if is_train else None,
         )
 
@@ -250,17 +277,32 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     # depends on the seed and the global batch only.
     # Augmentations are seeded per (epoch, item) and the loader draws its worker seeds from its own
     # generator, not the global RNG: the number of workers and a restart change nothing.
-    sampler = EpochSampler(DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                              shuffle=True, seed=train.seed, drop_last=False))
-    loader_kw = dict(num_workers=data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                     persistent_workers=data.num_workers > 0, generator=torch.Generator().manual_seed(train.seed))
-    train_loader = DataLoader(train_set, batch_size=data.batch_size // dist_info.world_size, sampler=sampler,
-                              **loader_kw)
+    sampler = EpochSampler(
+        DistributedSampler(
+            train_set,
+            num_replicas=dist_info.world_size,
+            rank=dist_info.rank,
+            shuffle=True,
+            seed=train.seed,
+            drop_last=False,
+        )
+    )
+    loader_kw = dict(
+        num_workers=data.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=data.num_workers > 0,
+        generator=torch.Generator().manual_seed(train.seed),
+    )
+    train_loader = DataLoader(
+        train_set, batch_size=data.batch_size // dist_info.world_size, sampler=sampler, **loader_kw
+    )
     eval_loaders = {}
     if dist_info.is_main:
         for split in ("val", "test"):
-            eval_loaders[split] = DataLoader(dataset(split, False), batch_size=data.batch_size, shuffle=False,
-                                             **loader_kw)
+            eval_loaders[split] = DataLoader(
+                dataset(split, False), batch_size=data.batch_size, shuffle=False, **loader_kw
+            )
 
     # ---- model and optimisation ---------------------------------------------------------
     seed_everything(train.seed)
@@ -277,7 +319,10 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     ed_params = [p for p in model.parameters() if id(p) not in ve_ids]
     optimizer = torch.optim.Adam(
         [{"params": ve_params, "lr": train.lr_ve}, {"params": ed_params, "lr": train.lr_ed}],
-        betas=train.adam_betas, eps=train.adam_eps, weight_decay=train.weight_decay, amsgrad=train.amsgrad,
+        betas=train.adam_betas,
+        eps=train.adam_eps,
+        weight_decay=train.weight_decay,
+        amsgrad=train.amsgrad,
     )
     if train.init_from:
         _load_optimizer_state(optimizer, train.init_from, log)
@@ -287,9 +332,28 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
         if train.sync_bn and device.type == "cuda" and not train.freeze_bn:
             model.visual.use_sync_batchnorm()
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = _Run(data, train, model_cfg, dist_info, device, out_dir, ann_path, splits, tokenizer, model, net,
-               optimizer, scheduler, sampler, train_loader, eval_loaders, log, progress)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    run = _Run(
+        data,
+        train,
+        model_cfg,
+        dist_info,
+        device,
+        out_dir,
+        ann_path,
+        splits,
+        tokenizer,
+        model,
+        net,
+        optimizer,
+        scheduler,
+        sampler,
+        train_loader,
+        eval_loaders,
+        log,
+        progress,
+    )
     if trainer_state is not None:
         ckpt.load_state_into(model, last_dir)
         try:
@@ -300,13 +364,17 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
             run.bad_epochs, run.best_val = int(trainer_state["bad_epochs"]), dict(trainer_state["best_val"])
             set_rng_state(trainer_state["rng"])
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"{last_dir}: trainer_state does not fit this run ({type(e).__name__}: {e})") from None
+            raise CheckpointError(
+                f"{last_dir}: trainer_state does not fit this run ({type(e).__name__}: {e})"
+            ) from None
         if dist_info.is_main:
             _keep_log_until(out_dir / LOG, run.start_epoch - 1)
         log(f"resuming from {last_dir} at epoch {run.start_epoch}")
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {model_cfg.variant} ({n_params / 1e6:.1f}M parameters, {model_cfg.visual_extractor}, "
-        f"memory {model_cfg.memory_size}x{model_cfg.d_model} top-{model_cfg.topk}) on {device}")
+    log(
+        f"model: {model_cfg.variant} ({n_params / 1e6:.1f}M parameters, {model_cfg.visual_extractor}, "
+        f"memory {model_cfg.memory_size}x{model_cfg.d_model} top-{model_cfg.topk}) on {device}"
+    )
     return run
 
 
@@ -339,8 +407,16 @@ def _fit(run: _Run, scorer) -> tuple[int, float]:
     for epoch in range(run.start_epoch, train.epochs + 1):
         run.sampler.set_epoch(epoch)
         bar = _bar(len(run.train_loader), f"epoch {epoch}/{train.epochs}", run.progress and run.dist.is_main)
-        stats = train_one_epoch(run.net, run.train_loader, run.optimizer, run.device, precision=train.precision,
-                                world_size=run.dist.world_size, progress=bar, freeze_bn=train.freeze_bn)
+        stats = train_one_epoch(
+            run.net,
+            run.train_loader,
+            run.optimizer,
+            run.device,
+            precision=train.precision,
+            world_size=run.dist.world_size,
+            progress=bar,
+            freeze_bn=train.freeze_bn,
+        )
         if bar is not None:
             bar.close()
         run.scheduler.step()
@@ -348,26 +424,51 @@ def _fit(run: _Run, scorer) -> tuple[int, float]:
         if run.dist.is_main:
             refs, preds = generate_split(run.model, run.eval_loaders["val"], run.tokenizer, run.device, **run.eval_kw)
             val = score(refs, preds, clinical=run.clinical, scorer=scorer)
+            seen = _demo_macro_f1(run, preds)  # demo data only: how well reports state the drawn findings
             if val.get("BLEU_4", 0.0) > run.best_score:
                 run.best_score, run.best_epoch, run.bad_epochs, run.best_val = val.get("BLEU_4", 0.0), epoch, 0, val
-                ckpt.save_checkpoint(run.best_dir, run.model, run.tokenizer, run.data_info,
-                                     meta={"epoch": epoch, "val": val})
+                ckpt.save_checkpoint(
+                    run.best_dir, run.model, run.tokenizer, run.data_info, meta={"epoch": epoch, "val": val}
+                )
             else:
                 run.bad_epochs += 1
             stop = run.bad_epochs >= train.early_stop
-            state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                     "epoch": epoch, "best_score": run.best_score, "best_epoch": run.best_epoch,
-                     "bad_epochs": run.bad_epochs, "best_val": run.best_val, "rng": rng_state()}
+            state = {
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "epoch": epoch,
+                "best_score": run.best_score,
+                "best_epoch": run.best_epoch,
+                "bad_epochs": run.bad_epochs,
+                "best_val": run.best_val,
+                "rng": rng_state(),
+            }
             groups = run.optimizer.param_groups
-            record = {"epoch": epoch, **stats, "lr_ve": groups[0]["lr"], "lr_ed": groups[1]["lr"],
-                      **{f"val_{k}": v for k, v in val.items()}, "best_epoch": run.best_epoch}
+            record = {
+                "epoch": epoch,
+                **stats,
+                "lr_ve": groups[0]["lr"],
+                "lr_ed": groups[1]["lr"],
+                **{f"val_{k}": v for k, v in val.items()},
+                "best_epoch": run.best_epoch,
+                **({} if seen is None else {"val_demo_findings_f1": seen}),
+            }
             # The log line goes first: an epoch is done once it is logged. A kill before the save
             # below resumes from the previous epoch, and the resumed run drops the later lines.
             _append_line(run.out_dir / LOG, json.dumps(record))
-            ckpt.save_checkpoint(run.last_dir, run.model, run.tokenizer, run.data_info,
-                                 meta={"epoch": epoch, "val": val}, trainer_state=state)
-            log(f"epoch {epoch}: loss {stats['train_loss']:.3f}, {stats['train_tokens_per_s']:.0f} tokens/s, "
-                f"val BLEU-4 {val.get('BLEU_4', 0):.4f} (best {run.best_score:.4f} at epoch {run.best_epoch})")
+            ckpt.save_checkpoint(
+                run.last_dir,
+                run.model,
+                run.tokenizer,
+                run.data_info,
+                meta={"epoch": epoch, "val": val},
+                trainer_state=state,
+            )
+            log(
+                f"epoch {epoch}: loss {stats['train_loss']:.3f}, {stats['train_tokens_per_s']:.0f} tokens/s, "
+                f"val BLEU-4 {val.get('BLEU_4', 0):.4f} (best {run.best_score:.4f} at epoch {run.best_epoch})"
+                + ("" if seen is None else ", findings F1 " + " ".join(f"{v:.2f}" for v in seen.values()))
+            )
         if run.dist.world_size > 1:
             flag = torch.tensor([1.0 if stop else 0.0], device=run.device)
             dist.broadcast(flag, 0)
@@ -425,20 +526,42 @@ def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str,
     baseline = score(refs, baseline_preds, clinical=run.clinical, scorer=scorer)
     baseline.update(_suffixed(score(full_refs, baseline_preds, clinical=run.clinical, scorer=scorer), "_full"))
     result = {
-        "val": run.best_val, "test": test, "baseline_test": baseline, "best_epoch": run.best_epoch,
+        "val": run.best_val,
+        "test": test,
+        "baseline_test": baseline,
+        "best_epoch": run.best_epoch,
         **_demo_findings(run, preds, baseline_preds),
-        "epochs_run": epochs_run, "train_seconds": round(train_seconds, 1),
+        "epochs_run": epochs_run,
+        "train_seconds": round(train_seconds, 1),
         "data": {**run.data_info, "ann_path": str(run.ann_path), "sizes": {k: len(v) for k, v in run.splits.items()}},
-        "model": asdict(run.model_cfg), "train": asdict(run.train),
+        "model": asdict(run.model_cfg),
+        "train": asdict(run.train),
     }
     write_json(run.out_dir / "metrics.json", result)
     with open(run.out_dir / "test_predictions.jsonl", "w", encoding="utf-8") as f:
         for k in refs:
-            f.write(json.dumps({"id": k, "prediction": preds[k], "reference": refs[k],
-                                "reference_full": full_refs[k]}) + "\n")
-    run.log(f"test BLEU-4 {test.get('BLEU_4', 0):.4f} (most-frequent-report baseline "
-            f"{baseline.get('BLEU_4', 0):.4f}); wrote {run.out_dir / 'metrics.json'}")
+            f.write(
+                json.dumps({"id": k, "prediction": preds[k], "reference": refs[k], "reference_full": full_refs[k]})
+                + "\n"
+            )
+    run.log(
+        f"test BLEU-4 {test.get('BLEU_4', 0):.4f} (most-frequent-report baseline "
+        f"{baseline.get('BLEU_4', 0):.4f}); wrote {run.out_dir / 'metrics.json'}"
+    )
     return result
+
+
+def _demo_macro_f1(run: _Run, preds: dict[str, str]) -> Optional[dict[str, float]]:
+    """Demo data: per-finding F1 of the validation reports against the drawn truth (None elsewhere)."""
+    if run.data.demo_size is None:
+        return None
+    from cmn.data.demo import drawn_findings, score_findings
+    from cmn.data.demo.findings import FINDINGS
+
+    truth = drawn_findings(run.ann_path, "val")
+    ids = [k for k in preds if k in truth]
+    scores = score_findings([truth[k] for k in ids], [preds[k] for k in ids])
+    return {name: round(scores[name]["f1"], 4) for name in FINDINGS}
 
 
 def _demo_findings(run: _Run, preds: dict[str, str], baseline: dict[str, str]) -> dict[str, Any]:
@@ -450,8 +573,10 @@ def _demo_findings(run: _Run, preds: dict[str, str], baseline: dict[str, str]) -
 
     truth = drawn_findings(run.ann_path, "test")
     ids = [k for k in preds if k in truth]
-    return {"demo_findings": score_findings([truth[k] for k in ids], [preds[k] for k in ids]),
-            "baseline_demo_findings": score_findings([truth[k] for k in ids], [baseline[k] for k in ids])}
+    return {
+        "demo_findings": score_findings([truth[k] for k in ids], [preds[k] for k in ids]),
+        "baseline_demo_findings": score_findings([truth[k] for k in ids], [baseline[k] for k in ids]),
+    }
 
 
 def _suffixed(scores: dict[str, float], suffix: str) -> dict[str, float]:

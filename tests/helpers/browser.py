@@ -4,6 +4,7 @@
 browser fails the test with the command that installs it; ``CMN_ALLOW_NO_BROWSER=1`` turns that
 into a skip that says so, for machines where it cannot be installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,14 @@ def chromium(width: int = 1300, height: int = 900):
         pytest.fail(message + " (or set CMN_ALLOW_NO_BROWSER=1 to skip the page tests)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit chromedriver path: selenium never tries to download a driver.
@@ -54,8 +61,11 @@ def open_page(driver, path: Path) -> None:
 
     driver.get(Path(path).resolve().as_uri())
     try:
-        WebDriverWait(driver, 20).until(lambda d: d.execute_script(
-            "return document.readyState === 'complete' && document.body.dataset.ready === '1'"))
+        WebDriverWait(driver, 20).until(
+            lambda d: d.execute_script(
+                "return document.readyState === 'complete' && document.body.dataset.ready === '1'"
+            )
+        )
     except TimeoutException:
         raise AssertionError(f"{path}: the page's script never finished; console: {console_errors(driver)}") from None
 

@@ -3,6 +3,7 @@
 Run directly (``python ddp_step.py OUT``) for the single-process reference, or under
 ``torchrun --nproc_per_node 2`` for distributed; rank 0 saves the resulting weights to OUT.
 """
+
 import sys
 
 import torch
@@ -25,16 +26,34 @@ def synthetic_items(n=8, vocab=20):
         targets = torch.randint(1, vocab, (length,), generator=g)
         targets[0] = 0
         targets[-1] = 0
-        items.append({"id": f"s{i}", "images": torch.randn(2, 3, 32, 32, generator=g), "targets": targets,
-                      "mask": torch.ones(length)})
+        items.append(
+            {
+                "id": f"s{i}",
+                "images": torch.randn(2, 3, 32, 32, generator=g),
+                "targets": targets,
+                "mask": torch.ones(length),
+            }
+        )
     return items
 
 
 def main(out: str) -> None:
     info = init_distributed()
     seed_everything(0)
-    cfg = ModelConfig(vocab_size=20, visual_extractor="resnet18", d_model=32, d_ff=32, num_heads=4, num_layers=1,
-                      memory_size=16, topk=4, num_views=2, dropout=0.0, attention_dropout=0.0, drop_prob_lm=0.0)
+    cfg = ModelConfig(
+        vocab_size=20,
+        visual_extractor="resnet18",
+        d_model=32,
+        d_ff=32,
+        num_heads=4,
+        num_layers=1,
+        memory_size=16,
+        topk=4,
+        num_views=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        drop_prob_lm=0.0,
+    )
     model = build_model(cfg)
     net = model
     if info.world_size > 1:

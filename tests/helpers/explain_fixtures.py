@@ -1,4 +1,5 @@
 """Small inputs for the explanation tests: demo studies and a tiny checkpoint bundle, made here."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from cmn.checkpoint import load_checkpoint, save_checkpoint
 from cmn.data.demo import ensure_demo_data
 from cmn.model import build_model
 from cmn.text import Tokenizer
-from test_model import tiny_cfg
+from helpers.tiny import tiny_cfg
 
 IMAGE_SIZE = 64  # a 2 x 2 patch grid per view with ResNet-18
 

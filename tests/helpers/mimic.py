@@ -13,6 +13,7 @@ Run as a module, it writes a synthetic download of MIMIC-CXR's full size (227,83
 
     python -m tests.helpers.mimic OUT_DIR
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,17 @@ from PIL import Image
 
 SPLIT_COLUMNS = ["dicom_id", "study_id", "subject_id", "split"]
 METADATA_COLUMNS = [
-    "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns",
-    "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
 ]
 _VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
@@ -40,7 +50,7 @@ _VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": 
 
 def dicom_id(subject: int, study: int, k: int) -> str:
     h = hashlib.sha1(f"{subject}/{study}/{k}".encode()).hexdigest()
-    return "-".join(h[i: i + 8] for i in range(0, 40, 8))
+    return "-".join(h[i : i + 8] for i in range(0, 40, 8))
 
 
 def report(*sections: tuple[str, str]) -> str:
@@ -113,14 +123,22 @@ def write_mimic(root: Path, studies: list[Study]) -> MimicFiles:
     for s in studies:
         for d, view in zip(s.dicoms, s.views):
             split_rows.append({"dicom_id": d, "study_id": s.study, "subject_id": s.subject, "split": s.split})
-            meta_rows.append({
-                "dicom_id": d, "subject_id": s.subject, "study_id": s.study,
-                "PerformedProcedureStepDescription": "CHEST (PA AND LAT)", "ViewPosition": view, "Rows": 3056,
-                "Columns": 2544, "StudyDate": 21800506, "StudyTime": 213014.531,
-                "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
-                "ViewCodeSequence_CodeMeaning": _VIEW_MEANING.get(view, ""),
-                "PatientOrientationCodeSequence_CodeMeaning": "Erect",
-            })
+            meta_rows.append(
+                {
+                    "dicom_id": d,
+                    "subject_id": s.subject,
+                    "study_id": s.study,
+                    "PerformedProcedureStepDescription": "CHEST (PA AND LAT)",
+                    "ViewPosition": view,
+                    "Rows": 3056,
+                    "Columns": 2544,
+                    "StudyDate": 21800506,
+                    "StudyTime": 213014.531,
+                    "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
+                    "ViewCodeSequence_CodeMeaning": _VIEW_MEANING.get(view, ""),
+                    "PatientOrientationCodeSequence_CodeMeaning": "Erect",
+                }
+            )
     images = root / "mimic-cxr-jpg"
     for s in studies:
         if s.image_missing:
@@ -129,14 +147,22 @@ def write_mimic(root: Path, studies: list[Study]) -> MimicFiles:
             path = images / "files" / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(jpg_bytes(s.study + k))
-    return MimicFiles(root / "mimic-cxr-reports.zip",
-                      _gz_csv(root / "mimic-cxr-2.0.0-split.csv.gz", SPLIT_COLUMNS, split_rows),
-                      _gz_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, meta_rows),
-                      images)
+    return MimicFiles(
+        root / "mimic-cxr-reports.zip",
+        _gz_csv(root / "mimic-cxr-2.0.0-split.csv.gz", SPLIT_COLUMNS, split_rows),
+        _gz_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, meta_rows),
+        images,
+    )
 
 
-_SENTENCES = ["The lungs are clear.", "No pleural effusion or pneumothorax.", "Heart size is normal.",
-              "Mild cardiomegaly.", "Bibasilar atelectasis.", "Right internal jugular line ends in the SVC."]
+_SENTENCES = [
+    "The lungs are clear.",
+    "No pleural effusion or pneumothorax.",
+    "Heart size is normal.",
+    "Mild cardiomegaly.",
+    "Bibasilar atelectasis.",
+    "Right internal jugular line ends in the SVC.",
+]
 
 
 def synthetic_studies(n_studies: int = 227835, n_images: int = 377110, seed: int = 0) -> list[Study]:
@@ -152,8 +178,7 @@ def synthetic_studies(n_studies: int = 227835, n_images: int = 377110, seed: int
         two = extra > 0 and rng.random() < 0.66
         extra -= two
         split = "test" if i % 70 == 0 else "validate" if i % 113 == 0 else "train"
-        studies.append(Study(10000001 + i // 3, 50000001 + i, split, ["PA", "LATERAL"][: 1 + two],
-                             report(*sections)))
+        studies.append(Study(10000001 + i // 3, 50000001 + i, split, ["PA", "LATERAL"][: 1 + two], report(*sections)))
     return studies
 
 

@@ -12,6 +12,7 @@ measure the IU X-Ray rule on the real report contents (docs/data.md):
 
     python -m tests.helpers.openi indiana_reports.csv indiana_projections.csv OUT_DIR
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,8 +50,10 @@ def _abstract(label: str, text: Optional[str]) -> str:
 
 def report_xml(r: Report) -> bytes:
     """The XML file of one report, laid out as the files of NLMCXR_reports.tgz."""
-    mesh = "\n".join([f"      <major>{escape(t)}</major>" for t in r.mesh_major]
-                     + [f"      <automatic>{escape(t)}</automatic>" for t in r.mesh_automatic])
+    mesh = "\n".join(
+        [f"      <major>{escape(t)}</major>" for t in r.mesh_major]
+        + [f"      <automatic>{escape(t)}</automatic>" for t in r.mesh_automatic]
+    )
     images = "\n".join(
         f"""   <parentImage id={quoteattr(image_id)}>
       <figureId>F{k + 1}</figureId>
@@ -65,7 +68,8 @@ def report_xml(r: Report) -> bytes:
          </region>
       </panel>
    </parentImage>"""
-        for k, image_id in enumerate(r.image_ids))
+        for k, image_id in enumerate(r.image_ids)
+    )
     text = f"""<?xml version="1.0" encoding="utf-8"?>
 <eCitation>
    <meta type="rr"/>
@@ -176,14 +180,24 @@ def from_kaggle(reports_csv: Path, projections_csv: Path, out: Path) -> tuple[Pa
     reports = []
     with open(reports_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            reports.append(Report(
-                int(row["uid"]), findings=row["findings"], impression=row["impression"],
-                indication=row["indication"], comparison=row["comparison"], image_ids=images.get(row["uid"], []),
-                mesh_major=[t for t in row["MeSH"].split(";") if t], caption=row["image"]))
+            reports.append(
+                Report(
+                    int(row["uid"]),
+                    findings=row["findings"],
+                    impression=row["impression"],
+                    indication=row["indication"],
+                    comparison=row["comparison"],
+                    image_ids=images.get(row["uid"], []),
+                    mesh_major=[t for t in row["MeSH"].split(";") if t],
+                    caption=row["image"],
+                )
+            )
     out.mkdir(parents=True, exist_ok=True)
     tiny = png_bytes(0)
-    return (write_reports_tgz(out / "NLMCXR_reports.tgz", reports),
-            write_images_tgz(out / "NLMCXR_png.tgz", {i: tiny for r in reports for i in r.image_ids}))
+    return (
+        write_reports_tgz(out / "NLMCXR_reports.tgz", reports),
+        write_images_tgz(out / "NLMCXR_png.tgz", {i: tiny for r in reports for i in r.image_ids}),
+    )
 
 
 if __name__ == "__main__":

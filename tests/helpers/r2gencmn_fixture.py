@@ -5,6 +5,7 @@ outputs; the CNN weights (megabytes) and the input images are not stored but com
 the functions below from integer arithmetic alone, so the fixture script and the tests get
 bit-identical values on any machine: every weight is a small dyadic rational (exact in float32).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,17 @@ SETTINGS = {
     "iu_xray": dict(num_views=2, threshold=3, max_seq_length=60, n_train=40, n_val=4, n_test=6, seed=1),
     "mimic_cxr": dict(num_views=1, threshold=10, max_seq_length=100, n_train=60, n_val=4, n_test=6, seed=2),
 }
-MODEL = dict(visual_extractor="resnet18", d_vf=512, d_model=32, d_ff=32, num_heads=4, num_layers=2,
-             cmm_size=64, cmm_dim=32, topk=8)
+MODEL = dict(
+    visual_extractor="resnet18",
+    d_vf=512,
+    d_model=32,
+    d_ff=32,
+    num_heads=4,
+    num_layers=2,
+    cmm_size=64,
+    cmm_dim=32,
+    topk=8,
+)
 IMAGE_SIZE = (240, 256)  # (width, height): not 224, so the test transform really resizes
 
 
@@ -43,17 +53,17 @@ def hashed(n: int, key: int) -> np.ndarray:
 def dyadic(shape, key: int, scale_exp: int) -> torch.Tensor:
     """float32 tensor of ``hashed/1024 * 2**-scale_exp``: exact, platform independent."""
     n = int(np.prod(shape)) if len(shape) else 1
-    values = hashed(n, key).astype(np.float64) / 1024.0 * 2.0 ** -scale_exp
+    values = hashed(n, key).astype(np.float64) / 1024.0 * 2.0**-scale_exp
     return torch.from_numpy(values.astype(np.float32)).reshape(shape)
 
 
-def reference_visual_state(backbone: str = "resnet18", key: int = 7) -> "OrderedDict[str, torch.Tensor]":
+def reference_visual_state(backbone: str = "resnet18", key: int = 7) -> OrderedDict[str, torch.Tensor]:
     """A torchvision ResNet trunk's state under the reference's names
     (``visual_extractor.model.<child>...``), with hashed weights that keep activations sane."""
     import torchvision
 
     trunk = torch.nn.Sequential(*list(getattr(torchvision.models, backbone)(weights=None).children())[:-2])
-    state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for i, (name, t) in enumerate(trunk.state_dict().items()):
         k = key * 1000 + i
         if name.endswith("num_batches_tracked"):
@@ -66,7 +76,7 @@ def reference_visual_state(backbone: str = "resnet18", key: int = 7) -> "Ordered
             value = 1.0 + dyadic(t.shape, k, 3)
         else:  # conv weight: about 1/sqrt(fan_in), a power of two
             fan_in = int(np.prod(t.shape[1:]))
-            value = dyadic(t.shape, k, int(round(math.log2(math.sqrt(fan_in)))) - 1)
+            value = dyadic(t.shape, k, round(math.log2(math.sqrt(fan_in))) - 1)
         state["visual_extractor.model." + name] = value.to(t.dtype)
     return state
 
@@ -105,15 +115,15 @@ def positional_encoding(max_len: int, d_model: int) -> torch.Tensor:
 def full_reference_checkpoint(dataset: str, out: Path) -> Path:
     """Assemble the reference-format ``.pth`` the fixture describes: its stored tensors, the
     regenerated CNN and positional encodings, in the reference's key order."""
-    from cmn.checkpoint import load_plain_pickle
-
     import json
+
+    from cmn.checkpoint import load_plain_pickle
 
     root = FIXTURE_DIR / dataset
     partial = load_plain_pickle(root / "checkpoint_partial.pth")
     order = json.loads((root / "state_keys.json").read_text())
     visual = reference_visual_state(MODEL["visual_extractor"])
-    state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for k in order:
         if k in partial["state_dict"]:
             state[k] = partial["state_dict"][k]
@@ -123,6 +133,13 @@ def full_reference_checkpoint(dataset: str, out: Path) -> Path:
             state[k] = positional_encoding(5000, MODEL["d_model"])
         else:
             raise KeyError(k)
-    torch.save({"epoch": partial["epoch"], "state_dict": state, "optimizer": partial["optimizer"],
-                "monitor_best": partial["monitor_best"]}, out)
+    torch.save(
+        {
+            "epoch": partial["epoch"],
+            "state_dict": state,
+            "optimizer": partial["optimizer"],
+            "monitor_best": partial["monitor_best"],
+        },
+        out,
+    )
     return out

@@ -19,14 +19,16 @@ The reference trainer saves ``{'epoch', 'state_dict', 'optimizer', 'monitor_best
 
 The result is a :class:`Converted` ready for :func:`cmn.checkpoint.save_checkpoint`.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -96,7 +98,7 @@ def read_reference_checkpoint(path: Path) -> ReferenceCheckpoint:
         raise CheckpointError(f"{path}: 'state_dict' is not a mapping of tensors")
     state: dict[str, torch.Tensor] = {}
     for k, v in raw.items():
-        state[k[len("module."):] if k.startswith("module.") else k] = v
+        state[k[len("module.") :] if k.startswith("module.") else k] = v
     return ReferenceCheckpoint(
         state=state,
         epoch=int(epoch) if epoch is not None else None,
@@ -115,8 +117,13 @@ def _identify(state: Mapping[str, torch.Tensor], origin: str) -> None:
             f"{origin}: this is an R2Gen checkpoint (relational memory, zhjohnchan/R2Gen), not R2GenCMN; "
             "cmn converts R2GenCMN checkpoints only"
         )
-    needed = [ED + "memory_matrix", ED + "cmn.linears.0.weight", ED + "logit.weight",
-              ED + "model.tgt_embed.0.lut.weight", ED + "att_embed.0.weight"]
+    needed = [
+        ED + "memory_matrix",
+        ED + "cmn.linears.0.weight",
+        ED + "logit.weight",
+        ED + "model.tgt_embed.0.lut.weight",
+        ED + "att_embed.0.weight",
+    ]
     missing = [k for k in needed if k not in state]
     if missing:
         example = ", ".join(keys[:3]) or "no tensors"
@@ -152,7 +159,12 @@ def _count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 
 def infer_config(
-    state: Mapping[str, torch.Tensor], origin: str, *, num_heads: int, topk: int, max_seq_length: int,
+    state: Mapping[str, torch.Tensor],
+    origin: str,
+    *,
+    num_heads: int,
+    topk: int,
+    max_seq_length: int,
     num_views: int,
 ) -> ModelConfig:
     """The cmn model config these weights fit; shapes that contradict each other are errors."""
@@ -168,8 +180,10 @@ def infer_config(
         (d_lut == d_model, f"token embedding width {d_lut} vs memory width {d_model}"),
         (tuple(logit.shape) == (vocab, d_model), f"logit {tuple(logit.shape)} vs embedding ({vocab}, {d_model})"),
         (att.shape[0] == d_model, f"att_embed output {att.shape[0]} vs d_model {d_model}"),
-        (att.shape[1] == VISUAL_EXTRACTORS[backbone],
-         f"att_embed input {att.shape[1]} vs {backbone}'s {VISUAL_EXTRACTORS[backbone]} channels"),
+        (
+            att.shape[1] == VISUAL_EXTRACTORS[backbone],
+            f"att_embed input {att.shape[1]} vs {backbone}'s {VISUAL_EXTRACTORS[backbone]} channels",
+        ),
         (n_enc == n_dec and n_enc > 0, f"{n_enc} encoder vs {n_dec} decoder layers"),
     ]
     for ok, what in checks:
@@ -181,15 +195,27 @@ def infer_config(
     if not 1 <= topk <= n_mem:
         raise CheckpointError(f"{origin}: --topk {topk} must be between 1 and the memory size {n_mem}")
     return ModelConfig(
-        vocab_size=int(vocab), variant="cmn", visual_extractor=backbone, num_views=num_views, d_model=int(d_model),
-        d_ff=int(d_ff), num_heads=num_heads, num_layers=n_enc, dropout=0.1, drop_prob_lm=0.5,
-        memory_size=int(n_mem), topk=topk, max_seq_length=max_seq_length,
+        vocab_size=int(vocab),
+        variant="cmn",
+        visual_extractor=backbone,
+        num_views=num_views,
+        d_model=int(d_model),
+        d_ff=int(d_ff),
+        num_heads=num_heads,
+        num_layers=n_enc,
+        dropout=0.1,
+        drop_prob_lm=0.5,
+        memory_size=int(n_mem),
+        topk=topk,
+        max_seq_length=max_seq_length,
     )
 
 
 # ---- names ----------------------------------------------------------------------------------
 def _attn(src: str, dst: str) -> dict[str, str]:
-    return {f"{src}.linears.{i}.{p}": f"{dst}.{name}.{p}" for i, name in enumerate(_LINEARS) for p in ("weight", "bias")}
+    return {
+        f"{src}.linears.{i}.{p}": f"{dst}.{name}.{p}" for i, name in enumerate(_LINEARS) for p in ("weight", "bias")
+    }
 
 
 def _norm(src: str, dst: str) -> dict[str, str]:
@@ -204,11 +230,14 @@ def name_map(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, st
     """Reference name -> cmn name for every tensor cmn keeps."""
     m = ED + "model."
     names: dict[str, str] = {
-        ED + "att_embed.0.weight": "att_embed.0.weight", ED + "att_embed.0.bias": "att_embed.0.bias",
+        ED + "att_embed.0.weight": "att_embed.0.weight",
+        ED + "att_embed.0.bias": "att_embed.0.bias",
         m + "tgt_embed.0.lut.weight": "tgt_embed.weight",
-        ED + "logit.weight": "logit.weight", ED + "logit.bias": "logit.bias",
+        ED + "logit.weight": "logit.weight",
+        ED + "logit.bias": "logit.bias",
         ED + "memory_matrix": "memory.weight",
-        **_norm(m + "encoder.norm", "encoder.norm"), **_norm(m + "decoder.norm", "decoder.norm"),
+        **_norm(m + "encoder.norm", "encoder.norm"),
+        **_norm(m + "decoder.norm", "decoder.norm"),
         **_attn(ED + "cmn", "memory_query"),
     }
     for i in range(num_layers):
@@ -224,7 +253,7 @@ def name_map(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, st
             names.update(_norm(f"{d}.sublayer.{j}.norm", f"decoder.layers.{i}.norm{j + 1}"))
     for k in state:
         if k.startswith(VE):
-            names[k] = "visual.trunk." + k[len(VE):]
+            names[k] = "visual.trunk." + k[len(VE) :]
     return names
 
 
@@ -249,7 +278,7 @@ def map_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig, origin: str) 
         raise CheckpointError(f"{origin}: missing {len(missing)} tensor(s) (e.g. {missing[0]})")
     for k, v in state.items():
         if k.startswith(ED + "model.cmn."):
-            twin = ED + "cmn." + k[len(ED + "model.cmn."):]
+            twin = ED + "cmn." + k[len(ED + "model.cmn.") :]
             if twin not in state or not torch.equal(state[twin], v):
                 raise CheckpointError(f"{origin}: {k} differs from {twin}; the reference shares one memory module")
         elif k.endswith(".pe"):
@@ -278,8 +307,11 @@ def build_vocabulary(reports: Sequence[str], threshold: int, rule: str, vocab_si
     counts = Counter(t for r in clean_reports(list(reports), rule) for t in r.split())
     fits = [t for t in range(1, 101) if sum(1 for n in counts.values() if n >= t) + 2 == vocab_size]
     shown = ", ".join(map(str, fits[:8])) + (", ..." if len(fits) > 8 else "")
-    hint = (f"--threshold {shown} would fit" if fits
-            else "no threshold from 1 to 100 fits: it was trained with another annotation file")
+    hint = (
+        f"--threshold {shown} would fit"
+        if fits
+        else "no threshold from 1 to 100 fits: it was trained with another annotation file"
+    )
     raise DataError(
         f"{ann}: its train split with threshold {threshold} gives a vocabulary of {len(tok)} ids, but {origin} "
         f"was trained with {vocab_size}; {hint}"
@@ -291,8 +323,9 @@ def _is_buffer(key: str) -> bool:
     return key.endswith(_BUFFER_SUFFIXES) or key.endswith(".pe")
 
 
-def remap_optimizer(ref: ReferenceCheckpoint, names: Mapping[str, str], model: torch.nn.Module,
-                    origin: str) -> dict[str, Any]:
+def remap_optimizer(
+    ref: ReferenceCheckpoint, names: Mapping[str, str], model: torch.nn.Module, origin: str
+) -> dict[str, Any]:
     """The reference's Adam state re-indexed to cmn's parameter order.
 
     The reference's groups are (visual extractor parameters, every other parameter), each in
@@ -327,8 +360,10 @@ def remap_optimizer(ref: ReferenceCheckpoint, names: Mapping[str, str], model: t
         shape = tuple(own[name].shape)
         for key, value in s.items():
             if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shape:
-                raise CheckpointError(f"{origin}: optimizer state {key} of {ref_index[int(i)]} has shape "
-                                      f"{tuple(value.shape)}, the parameter {shape}")
+                raise CheckpointError(
+                    f"{origin}: optimizer state {key} of {ref_index[int(i)]} has shape "
+                    f"{tuple(value.shape)}, the parameter {shape}"
+                )
         state[cmn_index[name]] = dict(s)
     n_ve = len(ref_ve)
     new_groups = [dict(groups[0], params=list(range(n_ve))), dict(groups[1], params=list(range(n_ve, len(cmn_order))))]
@@ -355,8 +390,9 @@ def convert(
     """A reference checkpoint + the train reports of its annotation -> a cmn model bundle's parts."""
     from cmn.model import build_model
 
-    cfg = infer_config(ref.state, origin, num_heads=num_heads, topk=topk, max_seq_length=max_seq_length,
-                       num_views=num_views)
+    cfg = infer_config(
+        ref.state, origin, num_heads=num_heads, topk=topk, max_seq_length=max_seq_length, num_views=num_views
+    )
     tokenizer = build_vocabulary(train_reports, threshold, clean_rule, cfg.vocab_size, origin, ann)
     state = map_state(ref.state, cfg, origin)
     model = build_model(cfg)
@@ -365,17 +401,28 @@ def convert(
     if wrong:
         k = wrong[0]
         got = tuple(state[k].shape) if k in state else "missing"
-        raise CheckpointError(f"{origin}: {len(wrong)} tensor(s) do not fit the inferred model (e.g. {k}: {got} vs "
-                              f"{tuple(own[k].shape)})")
+        raise CheckpointError(
+            f"{origin}: {len(wrong)} tensor(s) do not fit the inferred model (e.g. {k}: {got} vs {tuple(own[k].shape)})"
+        )
     optimizer = None
     if keep_optimizer:
         optimizer = remap_optimizer(ref, name_map(ref.state, cfg.num_layers), model, origin)
-    data_info = {"dataset": dataset, "clean_rule": clean_rule, "image_size": image_size, "num_views": num_views,
-                 "max_seq_length": max_seq_length, "threshold": threshold}
+    data_info = {
+        "dataset": dataset,
+        "clean_rule": clean_rule,
+        "image_size": image_size,
+        "num_views": num_views,
+        "max_seq_length": max_seq_length,
+        "threshold": threshold,
+    }
     best = ref.monitor_best
     meta = {
-        "converted_from": {"format": "r2gencmn", "file": origin, "epoch": ref.epoch,
-                           "monitor_best": best if best is None or math.isfinite(best) else None},
+        "converted_from": {
+            "format": "r2gencmn",
+            "file": origin,
+            "epoch": ref.epoch,
+            "monitor_best": best if best is None or math.isfinite(best) else None,
+        },
         "epoch": ref.epoch,
     }
     return Converted(cfg, state, tokenizer, data_info, meta, optimizer)

@@ -3,18 +3,27 @@
 Names are imported on first use (PEP 562), so ``cmn.data.annotation`` alone does not pull in
 torch and torchvision (``cmn-prepare`` and ``cmn-eval`` start faster and smaller).
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
 _WHERE = {
-    "SPLITS": "annotation", "Study": "annotation", "drop_empty_reports": "annotation",
-    "is_empty_report": "annotation", "load_annotation": "annotation",
+    "SPLITS": "annotation",
+    "Study": "annotation",
+    "drop_empty_reports": "annotation",
+    "is_empty_report": "annotation",
+    "load_annotation": "annotation",
     "ImageCache": "cache",
-    "ReportDataset": "dataset", "collate": "dataset",
-    "IMAGENET_MEAN": "images", "IMAGENET_STD": "images", "ImageTransform": "images", "build_transform": "images",
-    "load_image": "images", "resize_size": "images",
+    "ReportDataset": "dataset",
+    "collate": "dataset",
+    "IMAGENET_MEAN": "images",
+    "IMAGENET_STD": "images",
+    "ImageTransform": "images",
+    "build_transform": "images",
+    "load_image": "images",
+    "resize_size": "images",
 }
 
 __all__ = sorted(_WHERE)

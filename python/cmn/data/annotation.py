@@ -12,6 +12,7 @@ Differences from the reference: the reference indexes the JSON with no checks, s
 malformed file fails deep inside a DataLoader worker; here every structural problem is a
 :class:`~cmn.errors.DataError` naming the file, split and entry.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,7 @@ class Study:
     image_paths: tuple[str, ...]
 
 
-def load_annotation(path: str | Path, splits: Sequence[str] = SPLITS, *, images: bool = True
-                    ) -> dict[str, list[Study]]:
+def load_annotation(path: str | Path, splits: Sequence[str] = SPLITS, *, images: bool = True) -> dict[str, list[Study]]:
     """Read an R2Gen ``annotation.json`` and return ``{split: [Study, ...]}`` for ``splits``.
 
     ``images=False`` (reports only, e.g. for scoring) lets entries lack ``image_path``.
@@ -109,9 +109,7 @@ def is_empty_report(cleaned: str) -> bool:
     return not cleaned.replace(".", "").strip()
 
 
-def drop_empty_reports(
-    studies: Iterable[Study], clean_fn: Callable[[str], str]
-) -> tuple[list[Study], int]:
+def drop_empty_reports(studies: Iterable[Study], clean_fn: Callable[[str], str]) -> tuple[list[Study], int]:
     """Drop studies whose report is empty after ``clean_fn``; return ``(kept, n_dropped)``.
 
     Policy: training and evaluation use only studies with a report, as the paper drops

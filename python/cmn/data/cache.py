@@ -11,6 +11,7 @@ share one cache; the worst case of a race is the same entry computed twice. An e
 cannot be read back (a crash mid-write on a file system without atomic rename, disk
 corruption) is recomputed and rewritten.
 """
+
 from __future__ import annotations
 
 import hashlib

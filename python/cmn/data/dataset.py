@@ -12,6 +12,7 @@ An image that exists but cannot be decoded is found only when it is read; that r
 DataError naming the file and stops the run, because silently skipping a sample would
 change the data the reported numbers were computed on.
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ Transforms (as R2GenCMN, with the 224 crop generalised to ``image_size``):
 The resize step is kept apart (``ImageTransform.resize``) so the optional image cache can
 store its deterministic output and skip decoding large files every epoch.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -63,7 +64,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             arr = (arr - lo) / (top - lo) * 255.0 if top > lo else np.zeros_like(arr)
         else:
             bits = max(8, int(np.ceil(np.log2(top + 1.0)))) if top > 0 else 8
-            arr = np.clip(arr, 0, None) * (255.0 / (2.0 ** bits - 1.0))
+            arr = np.clip(arr, 0, None) * (255.0 / (2.0**bits - 1.0))
         img = Image.fromarray(np.rint(arr).astype(np.uint8), "L")
     return img.convert("RGB")
 

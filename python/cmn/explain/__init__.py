@@ -4,6 +4,7 @@
 writes them as one self-contained page, :mod:`cmn.explain.figures` as PNG files, and
 ``cmn-explain`` (:mod:`cmn.explain.cli`) does both from the command line.
 """
+
 from cmn.explain.core import Entity, Explanation, entities_of, explain_batch, explain_study, memory_overlap
 
 __all__ = ["Entity", "Explanation", "entities_of", "explain_batch", "explain_study", "memory_overlap"]

@@ -16,11 +16,13 @@ while decoding greedily with batch size 1 and draws MIMIC-CXR images only; here 
 and batch, every view, the memory selections the paper's image-text mapping is about, and
 finding phrases from the built-in labeler instead of a scispaCy entity model.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -80,20 +82,29 @@ class Explanation:
             raise ValueError("memory overlap needs a model whose patches and words query one memory (variant cmn)")
         idx = [words] if isinstance(words, (int, np.integer)) else list(words)
         V, h, w, H, K = self.patch_slots.shape
-        ov = memory_overlap(self.word_slots[idx], self.word_slot_weights[idx],
-                            self.patch_slots.reshape(-1, H, K), self.patch_slot_weights.reshape(-1, H, K))
+        ov = memory_overlap(
+            self.word_slots[idx],
+            self.word_slot_weights[idx],
+            self.patch_slots.reshape(-1, H, K),
+            self.patch_slot_weights.reshape(-1, H, K),
+        )
         return ov.mean(axis=0).reshape(V, h, w)
 
     def overlap_matrix(self) -> np.ndarray:
         """(T, V, h, w) float32: :meth:`overlap` of every word."""
         V, h, w, H, K = self.patch_slots.shape
-        ov = memory_overlap(self.word_slots, self.word_slot_weights,
-                            self.patch_slots.reshape(-1, H, K), self.patch_slot_weights.reshape(-1, H, K))
+        ov = memory_overlap(
+            self.word_slots,
+            self.word_slot_weights,
+            self.patch_slots.reshape(-1, H, K),
+            self.patch_slot_weights.reshape(-1, H, K),
+        )
         return ov.reshape(len(self.words), V, h, w)
 
 
-def memory_overlap(slots_a: np.ndarray, weights_a: np.ndarray, slots_b: np.ndarray,
-                   weights_b: np.ndarray) -> np.ndarray:
+def memory_overlap(
+    slots_a: np.ndarray, weights_a: np.ndarray, slots_b: np.ndarray, weights_b: np.ndarray
+) -> np.ndarray:
     """Shared memory reading of every row of ``a`` with every row of ``b``.
 
     slots_* (n, H, K) int (distinct within a head), weights_* (n, H, K) float (each head's
@@ -103,7 +114,7 @@ def memory_overlap(slots_a: np.ndarray, weights_a: np.ndarray, slots_b: np.ndarr
     """
     slots_a, slots_b = np.asarray(slots_a, np.int64), np.asarray(slots_b, np.int64)
     wa, wb = np.asarray(weights_a, np.float32), np.asarray(weights_b, np.float32)
-    n_a, H, K = slots_a.shape
+    n_a, H, _K = slots_a.shape
     N = int(max(slots_a.max(initial=0), slots_b.max(initial=0))) + 1
     dense_a = np.zeros((n_a, H, N), np.float32)  # (n_a, H, N): a's weight on every slot
     np.put_along_axis(dense_a, slots_a, wa, axis=2)
@@ -136,6 +147,7 @@ def _traced_forward(model, images: torch.Tensor, targets: torch.Tensor):
     def keep_attention(i):
         def hook(module, args):
             attn_inputs[i] = args
+
         return hook
 
     def keep_memory(module, args):
@@ -192,7 +204,7 @@ def entities_of(words: Sequence[str]) -> tuple[Entity, ...]:
     for m in find_mentions(report):
         idx = tuple(i for i, s in enumerate(starts) if s < m.end and s + len(words[i]) > m.start)
         if idx:
-            out.append(Entity(m.observation, m.label, report[m.start:m.end], idx))
+            out.append(Entity(m.observation, m.label, report[m.start : m.end], idx))
     return tuple(out)
 
 
@@ -234,7 +246,7 @@ def explain_batch(
         T = max((len(s) for s in seqs), default=0)
         targets = torch.zeros(B, T + 2, dtype=torch.long, device=images.device)  # (B, T+2)
         for b, s in enumerate(seqs):
-            targets[b, 1:1 + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            targets[b, 1 : 1 + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         cross, visual_sel, text_sel = _traced_forward(model, images, targets)
     finally:
         model.train(was_training)
@@ -254,8 +266,10 @@ def explain_batch(
         if sel is None:
             return None, None
         idx, weights = sel  # (B, H, L, K)
-        return (idx[b, :, rows].permute(1, 0, 2).cpu().numpy(),  # (L, H, K)
-                weights[b, :, rows].permute(1, 0, 2).cpu().numpy())
+        return (
+            idx[b, :, rows].permute(1, 0, 2).cpu().numpy(),  # (L, H, K)
+            weights[b, :, rows].permute(1, 0, 2).cpu().numpy(),
+        )
 
     out = []
     for b in range(B):
@@ -266,19 +280,23 @@ def explain_batch(
             H, K = patch_idx.shape[1:]
             patch_idx, patch_w = patch_idx.reshape(V, h, w, H, K), patch_w.reshape(V, h, w, H, K)
         shown = display[b] if display is not None else None
-        out.append(Explanation(
-            study_id=str(study_ids[b]) if study_ids is not None else str(b),
-            words=word_lists[b],
-            report=texts[b],
-            images=tuple(_to_display(p) for p in shown) if shown is not None else tuple(_from_tensor(images[b])),
-            # the word produced at step t attended from row t (row 0 is the BOS step)
-            cross_attention=np.ascontiguousarray(cross[b, :, :n].reshape(Y, n, V, h, w)),
-            patch_slots=patch_idx, patch_slot_weights=patch_w,
-            word_slots=word_idx, word_slot_weights=word_w,
-            shared_memory=model.cfg.variant == "cmn",
-            labels=labels[b],
-            entities=entities_of(word_lists[b]),
-        ))
+        out.append(
+            Explanation(
+                study_id=str(study_ids[b]) if study_ids is not None else str(b),
+                words=word_lists[b],
+                report=texts[b],
+                images=tuple(_to_display(p) for p in shown) if shown is not None else tuple(_from_tensor(images[b])),
+                # the word produced at step t attended from row t (row 0 is the BOS step)
+                cross_attention=np.ascontiguousarray(cross[b, :, :n].reshape(Y, n, V, h, w)),
+                patch_slots=patch_idx,
+                patch_slot_weights=patch_w,
+                word_slots=word_idx,
+                word_slot_weights=word_w,
+                shared_memory=model.cfg.variant == "cmn",
+                labels=labels[b],
+                entities=entities_of(word_lists[b]),
+            )
+        )
     return out
 
 
@@ -295,5 +313,11 @@ def explain_study(bundle, images, *, report: Optional[str] = None, study_id: str
         from cmn.inference import load_study
 
         tensor, display = load_study(bundle, list(images))
-    return explain_batch(bundle, tensor.unsqueeze(0).to(bundle.device), reports=None if report is None else [report],
-                         display=None if display is None else [display], study_ids=[study_id], **kwargs)[0]
+    return explain_batch(
+        bundle,
+        tensor.unsqueeze(0).to(bundle.device),
+        reports=None if report is None else [report],
+        display=None if display is None else [display],
+        study_ids=[study_id],
+        **kwargs,
+    )[0]

@@ -8,13 +8,14 @@ Per study, a folder named after it with
 Heatmaps are scaled from their min to their max and drawn bilinearly over the image, as the
 reference's plot does (it blends OpenCV's JET map 50/50 with the image).
 """
+
 from __future__ import annotations
 
 import io
 import re
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -41,8 +42,15 @@ def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str) -> None:
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
     lo, hi = float(heat.min()), float(heat.max())
     scaled = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    ax.imshow(scaled, cmap="jet", alpha=0.45, extent=(-0.5, cols - 0.5, rows - 0.5, -0.5),
-              interpolation="bilinear", vmin=0, vmax=1)
+    ax.imshow(
+        scaled,
+        cmap="jet",
+        alpha=0.45,
+        extent=(-0.5, cols - 0.5, rows - 0.5, -0.5),
+        interpolation="bilinear",
+        vmin=0,
+        vmax=1,
+    )
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -71,8 +79,11 @@ def _overview(plt, e: Explanation, path: Path) -> None:
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.set_title(f"view {v + 1}", fontsize=9)
         ax.axis("off")
-    found = [f"{name}: {label_name(v)[0]}" for name, v in zip(CHEXPERT_OBSERVATIONS, e.labels.tolist())
-             if label_name(v)[1] != "muted"]
+    found = [
+        f"{name}: {label_name(v)[0]}"
+        for name, v in zip(CHEXPERT_OBSERVATIONS, e.labels.tolist())
+        if label_name(v)[1] != "muted"
+    ]
     text = "\n".join(textwrap.wrap(e.report or "(empty report)", 60)) + "\n\nLabeler:\n" + "\n".join(found or ["-"])
     fig.text(3 * V / (3 * V + 5) + 0.01, 0.92, text, va="top", fontsize=8, family="monospace")
     fig.suptitle(e.study_id, fontsize=10)
@@ -95,8 +106,18 @@ def write_figures(folder: Path, explanations: Sequence[Explanation]) -> None:
         (study / "entities").mkdir()
         _overview(plt, e, study / "overview.png")
         for i, word in enumerate(e.words):
-            _map_figure(plt, e, [i], f"{e.study_id}: word {i + 1} \u201c{word}\u201d", study / "words" / f"{i:03d}_{_safe(word)}.png")
+            _map_figure(
+                plt,
+                e,
+                [i],
+                f"{e.study_id}: word {i + 1} \u201c{word}\u201d",
+                study / "words" / f"{i:03d}_{_safe(word)}.png",
+            )
         for k, en in enumerate(e.entities):
-            _map_figure(plt, e, list(en.words),
-                        f"{e.study_id}: \u201c{en.text}\u201d ({en.observation}, {label_name(en.label)[0]})",
-                        study / "entities" / f"{k:02d}_{_safe(en.observation)}.png")
+            _map_figure(
+                plt,
+                e,
+                list(en.words),
+                f"{e.study_id}: \u201c{en.text}\u201d ({en.observation}, {label_name(en.label)[0]})",
+                study / "entities" / f"{k:02d}_{_safe(en.observation)}.png",
+            )

@@ -5,10 +5,12 @@ findings and its finding phrases, and the arrays the page draws from, as compact
 quantised to uint8, base64). The page's script (``cmn/viz/assets/explain.js``) draws the
 heatmaps on canvases over the images; nothing is fetched, so the file opens from disk.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -58,17 +60,26 @@ def study_payload(e: Explanation) -> dict:
     maps = np.concatenate([maps, maps.mean(axis=0, keepdims=True)])  # (Y+1, T, V*P): layers, then mean
     att, att_range = _minmax_uint8(maps)
     payload = {
-        "words": list(e.words), "grid": [h, w], "views": V, "layers": Y,
-        "att": b64_uint8(att), "att_range": _round(att_range.reshape(-1)),
-        "entities": [{"obs": en.observation, "label": en.label, "text": en.text, "words": list(en.words)}
-                     for en in e.entities],
+        "words": list(e.words),
+        "grid": [h, w],
+        "views": V,
+        "layers": Y,
+        "att": b64_uint8(att),
+        "att_range": _round(att_range.reshape(-1)),
+        "entities": [
+            {"obs": en.observation, "label": en.label, "text": en.text, "words": list(en.words)} for en in e.entities
+        ],
         "memory": None,
     }
     if e.word_slots is not None and e.patch_slots is not None:
         H, K = e.patch_slots.shape[-2:]
-        memory = {"heads": int(H), "k": int(K), "shared": bool(e.shared_memory),
-                  "word_top": _top_slots(e.word_slots, e.word_slot_weights),
-                  "patch_top": _top_slots(e.patch_slots.reshape(-1, H, K), e.patch_slot_weights.reshape(-1, H, K))}
+        memory = {
+            "heads": int(H),
+            "k": int(K),
+            "shared": bool(e.shared_memory),
+            "word_top": _top_slots(e.word_slots, e.word_slot_weights),
+            "patch_top": _top_slots(e.patch_slots.reshape(-1, H, K), e.patch_slot_weights.reshape(-1, H, K)),
+        }
         if e.shared_memory and T:
             ov = e.overlap_matrix().reshape(T, V * h * w)  # (T, V*P) in [0, 1]
             scale = float(max(ov.max(), 1e-12))
@@ -88,14 +99,17 @@ def _study_html(n: int, e: Explanation, files: Optional[Sequence[str]], image_px
             f'<figure class="view"><div class="stage" data-view="{v}" style="width:{DISPLAY_PX}px;height:{shown_h}px">'
             f'<img src="{uri}" width="{DISPLAY_PX}" height="{shown_h}" alt="{esc(name)} view of study {esc(e.study_id)}">'
             f'<canvas class="heat" width="{DISPLAY_PX}" height="{shown_h}"></canvas></div>'
-            f'<figcaption>{esc(name)}</figcaption></figure>'
+            f"<figcaption>{esc(name)}</figcaption></figure>"
         )
     words = " ".join(f'<span class="w" tabindex="0" data-i="{i}">{esc(w)}</span>' for i, w in enumerate(e.words))
-    chips = "".join(
-        f'<button type="button" class="chip {label_name(en.label)[1]}" data-entity="{k}" '
-        f'title="{esc(en.observation)}: {label_name(en.label)[0]}">{esc(en.text)}</button>'
-        for k, en in enumerate(e.entities)
-    ) or '<span class="muted">no finding phrases</span>'
+    chips = (
+        "".join(
+            f'<button type="button" class="chip {label_name(en.label)[1]}" data-entity="{k}" '
+            f'title="{esc(en.observation)}: {label_name(en.label)[0]}">{esc(en.text)}</button>'
+            for k, en in enumerate(e.entities)
+        )
+        or '<span class="muted">no finding phrases</span>'
+    )
     rows = []
     for name, value in zip(CHEXPERT_OBSERVATIONS, e.labels.tolist()):
         word, css = label_name(value)
@@ -103,23 +117,27 @@ def _study_html(n: int, e: Explanation, files: Optional[Sequence[str]], image_px
             rows.append(f'<tr><td>{esc(name)}</td><td class="{css}">{word}</td></tr>')
     labels = "".join(rows) or '<tr><td class="muted" colspan="2">nothing mentioned</td></tr>'
     layer_options = '<option value="mean">mean of layers</option>' + "".join(
-        f'<option value="{i}">layer {i + 1}</option>' for i in range(e.cross_attention.shape[0]))
-    memory_choice = ('<label><input type="radio" name="mode-{n}" value="memory"> memory overlap</label>'
-                     if e.shared_memory and e.word_slots is not None else "")
+        f'<option value="{i}">layer {i + 1}</option>' for i in range(e.cross_attention.shape[0])
+    )
+    memory_choice = (
+        '<label><input type="radio" name="mode-{n}" value="memory"> memory overlap</label>'
+        if e.shared_memory and e.word_slots is not None
+        else ""
+    )
     source = f' <span class="muted">{esc(" · ".join(files))}</span>' if files else ""
     return (
         f'<section class="study" id="study-{n}" data-study="{n}">\n'
         f'<h2>{esc(e.study_id)}{source}</h2>\n<div class="row">\n<div class="left">\n'
         f'<div class="views">{"".join(views)}</div>\n'
         f'<div class="controls"><label><input type="radio" name="mode-{n}" value="attention" checked> '
-        f'decoder attention</label>{memory_choice.format(n=n)}'
+        f"decoder attention</label>{memory_choice.format(n=n)}"
         f'<select class="layer" aria-label="layer">{layer_options}</select></div>\n'
         f'<div class="status" aria-live="polite"></div>\n'
         f'</div>\n<div class="right">\n<div class="report">{words or "<span class=muted>(empty report)</span>"}</div>\n'
         f'<div class="entities"><span class="muted">finding phrases:</span> {chips}</div>\n'
         f'<div class="memory muted"></div>\n'
         f'<table class="labels"><tr><th>labeler finding</th><th>label</th></tr>{labels}</table>\n'
-        f'</div>\n</div>\n{json_block(f"data-{n}", study_payload(e))}\n</section>'
+        f"</div>\n</div>\n{json_block(f'data-{n}', study_payload(e))}\n</section>"
     )
 
 
@@ -139,10 +157,16 @@ one averages the maps of its words. Colours: <span class="lab-pos">positive</spa
 <span class="lab-neg">negative</span>, <span class="lab-unc">uncertain</span>.</p></details>"""
 
 
-def render_page(explanations: Sequence[Explanation], *, files: Optional[Sequence[Sequence[str]]] = None,
-                title: str = "cmn explanations", subtitle: str = "", image_px: int = 320) -> str:
+def render_page(
+    explanations: Sequence[Explanation],
+    *,
+    files: Optional[Sequence[Sequence[str]]] = None,
+    title: str = "cmn explanations",
+    subtitle: str = "",
+    image_px: int = 320,
+) -> str:
     """The whole page as a string; ``files`` names each study's images (shown under its id);
     ``image_px`` caps the longer side of each inlined image."""
     sections = [_study_html(n, e, files[n] if files else None, image_px) for n, e in enumerate(explanations)]
-    body = (f"<h1>{esc(title)}</h1>\n<p class=\"muted\">{esc(subtitle)}</p>\n{HELP}\n" + "\n".join(sections))
+    body = f'<h1>{esc(title)}</h1>\n<p class="muted">{esc(subtitle)}</p>\n{HELP}\n' + "\n".join(sections)
     return page(title, body, css=asset("explain.css"), script=asset("explain.js"))

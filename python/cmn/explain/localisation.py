@@ -15,14 +15,16 @@ map are scored the same way.
 ``--report reference`` explains the reference reports (teacher-forced) instead of generated
 ones, so findings the model does not write yet are scored too.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -41,8 +43,11 @@ FINDING_WORDS = {
 }
 #: The labeler's observations that state each demo finding.
 FINDING_OBSERVATIONS = {
-    "cardiomegaly": ("Cardiomegaly",), "effusion": ("Pleural Effusion",), "pneumothorax": ("Pneumothorax",),
-    "nodule": ("Lung Lesion",), "consolidation": ("Consolidation", "Lung Opacity", "Pneumonia"),
+    "cardiomegaly": ("Cardiomegaly",),
+    "effusion": ("Pleural Effusion",),
+    "pneumothorax": ("Pneumothorax",),
+    "nodule": ("Lung Lesion",),
+    "consolidation": ("Consolidation", "Lung Opacity", "Pneumonia"),
     "device": ("Support Devices",),
 }
 
@@ -86,8 +91,11 @@ class Tally:
 
     def summary(self) -> dict:
         n = max(self.cases, 1)
-        return {"cases": self.cases, **{f"{name}_rate": h / n for name, h in self.hits.items()},
-                "chance_rate": self.chance / n}
+        return {
+            "cases": self.cases,
+            **{f"{name}_rate": h / n for name, h in self.hits.items()},
+            "chance_rate": self.chance / n,
+        }
 
 
 def finding_word(e, finding: str) -> Optional[int]:
@@ -108,15 +116,27 @@ def score_study(e, regions: dict[str, tuple[np.ndarray, ...]], tally: Tally) -> 
             continue
         region = np.stack([patch_coverage(m, (h, w)) for m in masks])  # (V, h, w)
         hits = {"attention": hit(e.attention(i), region)}
-        hits.update({f"attention_layer_{y + 1}": hit(e.attention(i, layer=y), region)
-                     for y in range(e.cross_attention.shape[0])})
+        hits.update(
+            {
+                f"attention_layer_{y + 1}": hit(e.attention(i, layer=y), region)
+                for y in range(e.cross_attention.shape[0])
+            }
+        )
         if e.shared_memory and e.word_slots is not None:
             hits["memory_overlap"] = hit(e.overlap(i), region)
         tally.add(finding, hits, float(region.mean()))
 
 
-def measure(bundle, demo_root: Path, split: str = "test", *, report: str = "generated", limit: Optional[int] = None,
-            batch_size: int = 8, beam_size: int = 3) -> Tally:
+def measure(
+    bundle,
+    demo_root: Path,
+    split: str = "test",
+    *,
+    report: str = "generated",
+    limit: Optional[int] = None,
+    batch_size: int = 8,
+    beam_size: int = 3,
+) -> Tally:
     """Explain the studies of ``split`` under ``demo_root`` and tally the hits (see module docstring)."""
     import torch
 
@@ -133,9 +153,10 @@ def measure(bundle, demo_root: Path, split: str = "test", *, report: str = "gene
     device = bundle.device
     tally = Tally()
     for start in range(0, len(entries), batch_size):
-        chunk = entries[start:start + batch_size]
-        images = torch.stack([load_study(bundle, [demo_root / "images" / p for p in en["image_path"]])[0]
-                              for en in chunk]).to(device)  # (B, V, 3, S, S)
+        chunk = entries[start : start + batch_size]
+        images = torch.stack(
+            [load_study(bundle, [demo_root / "images" / p for p in en["image_path"]])[0] for en in chunk]
+        ).to(device)  # (B, V, 3, S, S)
         refs = [en["report"] for en in chunk] if report == "reference" else None
         for k, e in enumerate(explain_batch(bundle, images, reports=refs, beam_size=beam_size)):
             score_study(e, finding_regions(params, split, start + k), tally)
@@ -143,13 +164,19 @@ def measure(bundle, demo_root: Path, split: str = "test", *, report: str = "gene
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m cmn.explain.localisation",
-                                description="Localisation rate of finding-word heatmaps on the built-in demo data.")
+    p = ArgumentParser(
+        prog="python -m cmn.explain.localisation",
+        description="Localisation rate of finding-word heatmaps on the built-in demo data.",
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder of a model trained on the demo data")
     p.add_argument("--demo-root", required=True, type=Path, help="demo data folder (holding demo-complete.json)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
-    p.add_argument("--report", choices=("generated", "reference"), default="generated",
-                   help="explain the generated reports (default) or the references")
+    p.add_argument(
+        "--report",
+        choices=("generated", "reference"),
+        default="generated",
+        help="explain the generated reports (default) or the references",
+    )
     p.add_argument("--limit", type=positive_int(), help="only the first N studies of the split")
     p.add_argument("--batch-size", type=positive_int(), default=8)
     p.add_argument("--beam-size", type=positive_int(), default=3)
@@ -164,10 +191,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cmn.runtime import select_device
 
     bundle = load_checkpoint(args.checkpoint, device=select_device(args.device))
-    tally = measure(bundle, args.demo_root, args.split, report=args.report, limit=args.limit,
-                    batch_size=args.batch_size, beam_size=args.beam_size)
-    result = {"split": args.split, "report": args.report, **tally.summary(),
-              "by_finding": {k: v.summary() for k, v in sorted(tally.by_finding.items())}}
+    tally = measure(
+        bundle,
+        args.demo_root,
+        args.split,
+        report=args.report,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        beam_size=args.beam_size,
+    )
+    result = {
+        "split": args.split,
+        "report": args.report,
+        **tally.summary(),
+        "by_finding": {k: v.summary() for k, v in sorted(tally.by_finding.items())},
+    }
     print(json.dumps(result, indent=1))
     return 0
 

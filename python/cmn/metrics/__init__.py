@@ -6,6 +6,7 @@
 * :func:`ce_scores`: clinical-efficacy precision / recall / F1 (macro, micro, per observation).
 * :func:`evaluate_reports`: both at once, as one flat dict (what training logs).
 """
+
 from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS, UNCERTAIN_POLICIES, ce_scores, label_reports
 from cmn.metrics.evaluate import evaluate_reports
 from cmn.metrics.nlg import NLG_KEYS, MeteorUnavailableWarning, NLGScorer, nlg_scores

@@ -2,6 +2,7 @@
 
 Both print ``error: <message>`` and exit with status 2 on a :class:`cmn.errors.CMNError`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,15 +12,15 @@ import json
 import math
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from cmn.cliutil import ArgumentParser, positive_int, user_errors
 from cmn.config import PRESETS
-from cmn.fsutil import write_atomic
 from cmn.errors import DataError
+from cmn.fsutil import write_atomic
 from cmn.metrics.clinical import CHEXPERT_OBSERVATIONS, SECTION_MODES, UNCERTAIN_POLICIES, label_reports
 from cmn.metrics.evaluate import ce_flat, clinical_scores
 from cmn.metrics.nlg import NLGScorer, _as_coco
@@ -78,8 +79,9 @@ def _jsonl_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_predictions(path: Path, reference_fields: Sequence[str] = ("reference",)
-                     ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+def read_predictions(
+    path: Path, reference_fields: Sequence[str] = ("reference",)
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """Read ``id``, ``prediction`` and the ``reference_fields`` from a JSONL or CSV file.
 
     Returns (predictions by id, {field: texts by id})."""
@@ -95,8 +97,11 @@ def read_predictions(path: Path, reference_fields: Sequence[str] = ("reference",
     for n, row in enumerate(rows, 1):
         missing = [k for k in required if k not in row]
         if missing:
-            hint = " (cmn-train writes it; pass --references published to score without it)" if (
-                "reference_full" in missing) else ""
+            hint = (
+                " (cmn-train writes it; pass --references published to score without it)"
+                if ("reference_full" in missing)
+                else ""
+            )
             raise DataError(f"{path}: record {n} lacks field(s) {', '.join(missing)}{hint}")
         key = str(row["id"])
         if key in preds:
@@ -105,16 +110,19 @@ def read_predictions(path: Path, reference_fields: Sequence[str] = ("reference",
             if not isinstance(row[field], str):
                 raise DataError(f"{path}: record {n} ({key!r}): {field} must be text")
             if not _is_unicode(row[field]):
-                raise DataError(f"{path}: record {n} ({key!r}): {field} holds an unpaired surrogate (not Unicode "
-                                "text; was it written from broken bytes?)")
+                raise DataError(
+                    f"{path}: record {n} ({key!r}): {field} holds an unpaired surrogate (not Unicode "
+                    "text; was it written from broken bytes?)"
+                )
         preds[key] = row["prediction"]
         for f in reference_fields:
             refs[f][key] = row[f]
     return preds, refs
 
 
-def references_from_annotation(path: Path, split: str, dataset: str, *, full: bool, threshold: int = 0,
-                               max_seq_length: int = 0) -> dict[str, str]:
+def references_from_annotation(
+    path: Path, split: str, dataset: str, *, full: bool, threshold: int = 0, max_seq_length: int = 0
+) -> dict[str, str]:
     """Reference reports of one split of an R2Gen-style annotation.json.
 
     ``full``: the whole cleaned report. Otherwise the published protocol, as the reference code
@@ -156,29 +164,53 @@ def _eval_parser() -> argparse.ArgumentParser:
         prog="cmn-eval",
         description="Score predicted reports: BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical efficacy.",
     )
-    p.add_argument("--predictions", required=True, type=Path,
-                   help="JSONL of {id, prediction, reference} (or CSV with those columns); "
-                        "with --annotation only id and prediction are needed")
+    p.add_argument(
+        "--predictions",
+        required=True,
+        type=Path,
+        help="JSONL of {id, prediction, reference} (or CSV with those columns); "
+        "with --annotation only id and prediction are needed",
+    )
     p.add_argument("--annotation", type=Path, help="annotation.json to take (and clean) references from")
     p.add_argument("--split", default="test", help="annotation split with the references (default: test)")
-    p.add_argument("--dataset", choices=("iu_xray", "mimic_cxr"), default="mimic_cxr",
-                   help="cleaning rules, vocabulary threshold and max length for annotation references "
-                        "(default: mimic_cxr)")
-    p.add_argument("--references", choices=REFERENCE_MODES, default="published",
-                   help="published (default): references cut to max_seq_length tokens and mapped through the "
-                        "training vocabulary, as the reference code and the paper score; full: the whole cleaned "
-                        "report (scores get a _full suffix); both")
+    p.add_argument(
+        "--dataset",
+        choices=("iu_xray", "mimic_cxr"),
+        default="mimic_cxr",
+        help="cleaning rules, vocabulary threshold and max length for annotation references (default: mimic_cxr)",
+    )
+    p.add_argument(
+        "--references",
+        choices=REFERENCE_MODES,
+        default="published",
+        help="published (default): references cut to max_seq_length tokens and mapped through the "
+        "training vocabulary, as the reference code and the paper score; full: the whole cleaned "
+        "report (scores get a _full suffix); both",
+    )
     p.add_argument("--threshold", type=positive_int(), help="with --annotation: vocabulary threshold (IU 3, MIMIC 10)")
     p.add_argument("--max-seq-length", type=positive_int(), help="with --annotation: tokens kept (IU 60, MIMIC 100)")
     p.add_argument("--output", type=Path, help="write all scores as JSON here")
-    p.add_argument("--clinical", action=argparse.BooleanOptionalAction, default=True,
-                   help="compute clinical efficacy with the built-in CheXpert-style labeler (default: on)")
-    p.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="negative",
-                   help="how uncertain CE labels count (default: negative, as the reference code)")
-    p.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
-                   help="compute METEOR (needs java; default: on)")
-    p.add_argument("--html", type=Path, help="also write a page: prediction and reference side by side per study, "
-                                             "findings the labeler disagrees on highlighted, sortable by BLEU-4")
+    p.add_argument(
+        "--clinical",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute clinical efficacy with the built-in CheXpert-style labeler (default: on)",
+    )
+    p.add_argument(
+        "--uncertain",
+        choices=UNCERTAIN_POLICIES,
+        default="negative",
+        help="how uncertain CE labels count (default: negative, as the reference code)",
+    )
+    p.add_argument(
+        "--meteor", action=argparse.BooleanOptionalAction, default=True, help="compute METEOR (needs java; default: on)"
+    )
+    p.add_argument(
+        "--html",
+        type=Path,
+        help="also write a page: prediction and reference side by side per study, "
+        "findings the labeler disagrees on highlighted, sortable by BLEU-4",
+    )
     return p
 
 
@@ -203,9 +235,13 @@ def _run_eval(args: argparse.Namespace) -> int:
         else:
             preset = PRESETS[args.dataset].data
             refs = references_from_annotation(
-                args.annotation, args.split, args.dataset, full=mode == "full",
+                args.annotation,
+                args.split,
+                args.dataset,
+                full=mode == "full",
                 threshold=args.threshold or preset["threshold"],
-                max_seq_length=args.max_seq_length or preset["max_seq_length"])
+                max_seq_length=args.max_seq_length or preset["max_seq_length"],
+            )
             refs = {k: refs[k] for k in preds}
         try:
             _as_coco(refs, preds)
@@ -226,7 +262,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         write_eval_page(args.html, references[modes[0]], preds, scores, uncertain=args.uncertain)
     if args.output is not None:
         payload = {
-            "n": len(preds), "references": args.references,
+            "n": len(preds),
+            "references": args.references,
             "scores": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()},
         }
         if ce is not None:
@@ -267,9 +304,13 @@ def _label_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", type=Path, help="text file with one report per line, or a CSV with a 'report' column")
     p.add_argument("--output", required=True, type=Path, help="CSV to write: Reports, then the 14 observations")
-    p.add_argument("--sections", choices=SECTION_MODES, default="auto",
-                   help="auto (default): in full reports with headings, label only FINDINGS and IMPRESSION "
-                        "(text without headings is labeled whole); all: label the whole text")
+    p.add_argument(
+        "--sections",
+        choices=SECTION_MODES,
+        default="auto",
+        help="auto (default): in full reports with headings, label only FINDINGS and IMPRESSION "
+        "(text without headings is labeled whole); all: label the whole text",
+    )
     return p
 
 

@@ -27,13 +27,14 @@ scheme with regular expressions instead, so labeling runs offline and fast:
 Rule files live in ``cmn/metrics/data`` and are documented in their headers; a new phrase
 is one line. Differences from the CheXpert labeler are listed in docs/labeler.md.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Sequence
 
 import numpy as np
 
@@ -163,7 +164,7 @@ def _load_rule(filename: str, macros: dict[str, str]) -> _Rule:
         for pat in pats:
             lead = _LEAD.match(pat)
             head = lead.group() if lead else ""
-            groups.setdefault(head, []).append(pat[len(head):])
+            groups.setdefault(head, []).append(pat[len(head) :])
         alternatives = [
             _expand(head, macros) + "(?:" + "|".join(f"(?:{_expand(rest, macros)})" for rest in rests) + ")"
             for head, rests in groups.items()
@@ -204,7 +205,7 @@ def _literal_starts(phrase: str) -> list[str]:
     m = _LEADING_GROUP.match(phrase)
     if not m:
         return [phrase]
-    rest = phrase[m.end():]
+    rest = phrase[m.end() :]
     heads = m.group(1).split("|") + ([""] if m.group(2) else [])
     return [alt for head in heads for alt in _literal_starts(head + rest)]
 
@@ -236,7 +237,9 @@ def _mention_alternation(branches: list[tuple[str, tuple]]) -> tuple[re.Pattern,
         parts.append(_mention_regex(branches[i][0]) + "()")
         order.append(i)
     for first, members in by_first.items():
-        parts.append(re.escape(first) + "(?:" + "|".join(_mention_regex(branches[i][0][1:]) + "()" for i in members) + ")")
+        parts.append(
+            re.escape(first) + "(?:" + "|".join(_mention_regex(branches[i][0][1:]) + "()" for i in members) + ")"
+        )
         order.extend(members)
     return re.compile(r"\b(?:" + "|".join(parts) + ")"), order
 
@@ -249,7 +252,7 @@ def _labeler() -> _Labeler:
         filename = name.lower().replace(" ", "_") + ".txt"
         for line in _lines(_data_text("mention", filename)):
             flag = line[0] if line[0] in "?~^" else _PLAIN
-            phrase = line[len(flag):]
+            phrase = line[len(flag) :]
             phrase_targets.setdefault(phrase, []).append((obs, flag))
     for line in _lines(_data_text("mention", "unmention.txt")):
         phrase_targets[line] = []  # hides the words it covers
@@ -307,7 +310,7 @@ def _sentences(text: str):
     """(offset, sentence) pairs of ``text``, split at sentence ends (a "?" stays with its sentence)."""
     pos = 0
     for sep in (_QUESTION_SPLIT if "?" in text else _SENTENCE_SPLIT).finditer(text):
-        yield pos, text[pos:sep.start()]
+        yield pos, text[pos : sep.start()]
         pos = sep.end()
     yield pos, text[pos:]
 
@@ -323,8 +326,8 @@ def _mentions(lab: _Labeler, text: str):
             before = sentence[: m.start()]
             cut = lab.last_terminator.match(before)
             if cut:
-                before = before[cut.end():]
-            after = sentence[m.end():]
+                before = before[cut.end() :]
+            after = sentence[m.end() :]
             cut = lab.terminator.search(after)
             if cut:
                 after = after[: cut.start()]
@@ -420,7 +423,7 @@ def report_sections(report: str) -> str:
     for _, body in bodies:
         blank = _BLANK_LINE.search(body)
         if blank:
-            kept.append(body[blank.end():])
+            kept.append(body[blank.end() :])
     return "\n".join(kept)
 
 
@@ -468,8 +471,11 @@ def find_mentions(report: str) -> list[Mention]:
     length as ``report`` for ASCII text. Mentions of findings outside the 14 are left out."""
     if not isinstance(report, str):
         raise DataError(f"report is {type(report).__name__}, not text")
-    return [Mention(start, end, CHEXPERT_OBSERVATIONS[obs], status)
-            for start, end, obs, status in _mentions(_labeler(), report.lower()) if obs != _OTHER]
+    return [
+        Mention(start, end, CHEXPERT_OBSERVATIONS[obs], status)
+        for start, end, obs, status in _mentions(_labeler(), report.lower())
+        if obs != _OTHER
+    ]
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -523,7 +529,9 @@ def ce_scores(ref_labels: np.ndarray, pred_labels: np.ndarray, uncertain: str = 
     tp = (ref_pos & pred_pos & valid).sum(0).astype(float)  # (K,)
     fp = (~ref_pos & pred_pos & valid).sum(0).astype(float)
     fn = (ref_pos & ~pred_pos & valid).sum(0).astype(float)
-    names = CHEXPERT_OBSERVATIONS if ref.shape[1] == len(CHEXPERT_OBSERVATIONS) else tuple(map(str, range(ref.shape[1])))
+    names = (
+        CHEXPERT_OBSERVATIONS if ref.shape[1] == len(CHEXPERT_OBSERVATIONS) else tuple(map(str, range(ref.shape[1])))
+    )
     per = {}
     for k, name in enumerate(names):
         p, r, f = _prf(tp[k], fp[k], fn[k])

@@ -1,7 +1,8 @@
 """One flat dict of NLG and clinical-efficacy scores, used by training and ``cmn-eval``."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from cmn.metrics.clinical import ce_scores, label_reports
 from cmn.metrics.nlg import NLGScorer, _as_coco

@@ -16,6 +16,7 @@ Differences from the reference, all about robustness, none about the numbers:
   pycocoevalcap's tokenizers split on single spaces. Texts are reduced to single-spaced
   lines with :func:`sanitize` first; cleaned reports are unchanged by it.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ import re
 import shutil
 import threading
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 from cmn.errors import DataError
 
@@ -147,7 +148,7 @@ class NLGScorer:
             self._meteor.close()
             self._meteor = None
 
-    def __enter__(self) -> "NLGScorer":
+    def __enter__(self) -> NLGScorer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,6 +8,7 @@ Variants (``ModelConfig.variant``), as in the paper's Table 1:
 In ``mem`` and ``cmn`` the memory response is added to the projected patch features before
 the encoder, and to the (position-encoded) token embeddings before the decoder.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,6 +69,7 @@ class CMN(nn.Module):
         ``per_sequence > 0`` reproduces the reference's cost model (one projection of a
         batch-expanded copy per sequence, (R, H, N, d_k)); only benchmarks use it.
         """
+
         def project(query: MemoryQuery, memory: MemoryMatrix) -> MemoryKV:
             m = memory.weight  # (N, D)
             if per_sequence:
@@ -81,8 +83,10 @@ class CMN(nn.Module):
             kv = project(self.memory_query, self.memory)
             return kv, kv
         if self.cfg.variant == "mem":
-            return (project(self.visual_memory_query, self.visual_memory),
-                    project(self.text_memory_query, self.text_memory))
+            return (
+                project(self.visual_memory_query, self.visual_memory),
+                project(self.text_memory_query, self.text_memory),
+            )
         return None, None
 
     def _respond(self, x: torch.Tensor, kv: Optional[MemoryKV], side: str) -> torch.Tensor:
@@ -172,8 +176,12 @@ class CMN(nn.Module):
             if beam_size == 1 and not block_ngram:
                 return greedy_search(self.start_decoding(images, 1), B, max_len)
             hyps = beam_search(
-                self.start_decoding(images, beam_size), B, beam_size, max_len,
-                no_repeat_ngram_size=block_ngram, length_penalty=length_penalty,
+                self.start_decoding(images, beam_size),
+                B,
+                beam_size,
+                max_len,
+                no_repeat_ngram_size=block_ngram,
+                length_penalty=length_penalty,
             )
             return [h[0].tokens for h in hyps]
         finally:

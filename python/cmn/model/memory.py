@@ -9,6 +9,7 @@ of the memory are computed once per forward, in (H, N, d_k) form shared by every
 and beam, instead of once per sequence on a batch-expanded copy of the matrix (same result,
 B times less work); the top-K query itself goes through :func:`cmn.ops.memory_query`.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -67,8 +68,15 @@ class MemoryQuery(nn.Module):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.d_k).transpose(1, 2)  # (B, H, L, d_k)
         dropout_p = self.dropout if self.training else 0.0
-        out = memory_query(q, kv.keys.to(q.dtype), kv.values.to(q.dtype), self.topk, impl=self.impl,
-                           dropout_p=dropout_p, return_selection=return_selection)
+        out = memory_query(
+            q,
+            kv.keys.to(q.dtype),
+            kv.values.to(q.dtype),
+            self.topk,
+            impl=self.impl,
+            dropout_p=dropout_p,
+            return_selection=return_selection,
+        )
         if return_selection:
             out, idx, weights = out
         out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.d_k)  # (B, L, d_model)
@@ -78,4 +86,3 @@ class MemoryQuery(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, d_k={self.d_k}, topk={self.topk}, impl={self.impl}"
-

@@ -10,6 +10,7 @@ Differs: attention runs through ``F.scaled_dot_product_attention``; decoding kee
 layer's self-attention keys/values and the projected encoder output (``DecoderCache``) so a
 step costs one token, where the reference re-decodes the whole prefix at every step.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,14 @@ class MultiHeadAttention(nn.Module):
         """x (B, S, d_model) -> keys, values (B, H, S, d_k)."""
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-               return_weights: bool = False):
+    def attend(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        return_weights: bool = False,
+    ):
         """x (B, L, d_model) queries projected keys/values (B, H, S, d_k); mask (B, 1|L, S) bool, True = visible.
 
         ``return_weights=True`` (eval only, for explanations) computes the attention explicitly
@@ -167,7 +174,8 @@ class Encoder(nn.Module):
     def __init__(self, d_model, num_heads, d_ff, dropout, num_layers, attn_dropout=0.1):
         super().__init__()
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, num_heads, d_ff, dropout, attn_dropout) for _ in range(num_layers))
+            EncoderLayer(d_model, num_heads, d_ff, dropout, attn_dropout) for _ in range(num_layers)
+        )
         self.norm = LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -180,7 +188,8 @@ class Decoder(nn.Module):
     def __init__(self, d_model, num_heads, d_ff, dropout, num_layers, attn_dropout=0.1):
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(d_model, num_heads, d_ff, dropout, attn_dropout) for _ in range(num_layers))
+            DecoderLayer(d_model, num_heads, d_ff, dropout, attn_dropout) for _ in range(num_layers)
+        )
         self.norm = LayerNorm(d_model)
 
     def forward(self, x, memory, src_mask, tgt_mask):

@@ -11,6 +11,7 @@ update per step; cmn 0.1's behaviour). In eval mode both are the same as the ref
 ImageNet weights are optional: a local file, torchvision's cache/download, or random init with
 a warning, never a crash.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -183,7 +184,9 @@ class VisualExtractor(nn.Module):
             if head in ("fc",):
                 continue
             if head not in prefix:
-                raise CheckpointError(f"{origin}: unexpected key {key!r}; expected a torchvision {self.name} state dict")
+                raise CheckpointError(
+                    f"{origin}: unexpected key {key!r}; expected a torchvision {self.name} state dict"
+                )
             mapped[prefix[head] + "." + rest] = value
         try:
             missing, unexpected = self.trunk.load_state_dict(mapped, strict=False)

@@ -20,6 +20,7 @@ that order; a NaN score ranks above every number, as in ``torch.topk``. Scores a
 over d in one fixed order (fused multiply-adds on CPUs with FMA), so they may differ from
 torch's GEMM in the last bit, and a near-tie at the K-th place may then pick the other slot.
 """
+
 import torch
 
 from cmn import _native
@@ -52,8 +53,16 @@ class _MemoryQueryCPU(torch.autograd.Function):
         idx = torch.empty(G, R, topk, dtype=torch.long)  # (G, R, K)
         probs = q.new_empty(G, R, topk)  # (G, R, K) softmax weights before dropout
         mask = None if mask is None else _contiguous(mask)
-        _native.memory_query_forward(_np(q), _np(k), _np(v), None if mask is None else _np(mask),
-                                     _np(out), _np(idx), _np(probs), torch.get_num_threads())
+        _native.memory_query_forward(
+            _np(q),
+            _np(k),
+            _np(v),
+            None if mask is None else _np(mask),
+            _np(out),
+            _np(idx),
+            _np(probs),
+            torch.get_num_threads(),
+        )
         weights = probs if mask is None else probs * mask  # (G, R, K)
         ctx.save_for_backward(q, k, v, idx, probs, mask)
         ctx.mark_non_differentiable(idx)
@@ -68,8 +77,19 @@ class _MemoryQueryCPU(torch.autograd.Function):
         d_out = q.new_zeros(q.shape) if d_out is None else _contiguous(d_out)
         d_weights = None if d_weights is None else _contiguous(d_weights)
         _native.memory_query_backward(
-            _np(q), _np(k), _np(v), None if mask is None else _np(mask), _np(idx), _np(probs), _np(d_out),
-            None if d_weights is None else _np(d_weights), _np(dq), _np(dk), _np(dv), torch.get_num_threads())
+            _np(q),
+            _np(k),
+            _np(v),
+            None if mask is None else _np(mask),
+            _np(idx),
+            _np(probs),
+            _np(d_out),
+            None if d_weights is None else _np(d_weights),
+            _np(dq),
+            _np(dk),
+            _np(dv),
+            torch.get_num_threads(),
+        )
         return dq, dk, dv, None, None
 
 

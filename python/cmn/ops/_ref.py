@@ -6,6 +6,7 @@ faster implementation is tested against it. It is slow on purpose: gathering fro
 value tensor expanded to (B, H, L, N, d) makes PyTorch's gather backward allocate that
 whole tensor (about 6.6 GB at the paper's sizes, fp32).
 """
+
 import math
 
 import torch

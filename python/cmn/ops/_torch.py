@@ -15,6 +15,7 @@ Dropout is an elementwise product on the (G, R, K) weights between the two, so a
 handles it. Scratch memory is bounded by ``CHUNK_BYTES`` whatever N is. On CPU all these
 kernels are deterministic.
 """
+
 import math
 
 import torch
@@ -52,14 +53,14 @@ class _TopKSoftmax(torch.autograd.Function):
         budget = CHUNK_BYTES_CUDA if q.is_cuda else CHUNK_BYTES
         step = max(1, min(R, budget // (G * N * q.element_size())))
         for r0 in range(0, R, step):
-            raw = torch.bmm(q[:, r0:r0 + step], kt)  # (G, r, N)
+            raw = torch.bmm(q[:, r0 : r0 + step], kt)  # (G, r, N)
             # x -> x / sqrt(d) is monotone in floating point, so ranking the raw scores and
             # scaling only the K winners gives the reference's top-K values exactly (up to
             # which of several equal scores wins) without a pass over all N
             top_raw, top_idx = raw.topk(topk)  # (G, r, K)
             del raw
-            weights[:, r0:r0 + step] = F.softmax(top_raw / math.sqrt(d), dim=-1)
-            idx[:, r0:r0 + step] = top_idx
+            weights[:, r0 : r0 + step] = F.softmax(top_raw / math.sqrt(d), dim=-1)
+            idx[:, r0 : r0 + step] = top_idx
         ctx.save_for_backward(q, k, weights, idx)
         ctx.mark_non_differentiable(idx)
         return weights, idx

@@ -28,6 +28,7 @@ decides it, and the kernels multiply the weights by it.
 
 Triton is imported by this module only, and this module only on demand.
 """
+
 import math
 
 import torch
@@ -59,13 +60,32 @@ def _unpack(key):
 
 @triton.jit
 def _memory_query_fwd(
-    Q, K, V, Mask, Out, Idx, P,
-    stride_qg, stride_qr, stride_qd,
-    stride_kg, stride_kn, stride_kd,
-    stride_vg, stride_vn, stride_vd,
-    R, N, D, scale,
-    TOPK: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    Out,
+    Idx,
+    P,
+    stride_qg,
+    stride_qr,
+    stride_qd,
+    stride_kg,
+    stride_kn,
+    stride_kd,
+    stride_vg,
+    stride_vn,
+    stride_vd,
+    R,
+    N,
+    D,
+    scale,
+    TOPK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
@@ -74,15 +94,21 @@ def _memory_query_fwd(
     offs_k = tl.arange(0, TOPK)
     m_ok = offs_m < R
     d_ok = offs_d < D
-    q = tl.load(Q + g * stride_qg + offs_m[:, None] * stride_qr + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(
+        Q + g * stride_qg + offs_m[:, None] * stride_qr + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
 
     best = tl.full((BLOCK_M, TOPK), _INT64_MIN, tl.int64)  # running top K, packed
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        kt = tl.load(K + g * stride_kg + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+        kt = tl.load(
+            K + g * stride_kg + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=d_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N)
         if IEEE:
             # fp32 products and sums; bf16/fp16 land here only under the interpreter,
             # whose bf16 tl.dot is wrong (checked with triton 3.7.1), so widen first
@@ -112,8 +138,11 @@ def _memory_query_fwd(
         w_j = tl.load(P + rows + j, mask=m_ok, other=0.0)
         if HAS_MASK:
             w_j = w_j * tl.load(Mask + rows + j, mask=m_ok, other=0.0).to(tl.float32)
-        v_j = tl.load(V + g * stride_vg + idx_j[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        v_j = tl.load(
+            V + g * stride_vg + idx_j[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_D)
         acc += w_j[:, None] * v_j.to(tl.float32)
     out_ptrs = Out + g * R * D + offs_m[:, None] * D + offs_d[None, :]  # (G, R, d) contiguous
     tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -121,13 +150,35 @@ def _memory_query_fwd(
 
 @triton.jit
 def _memory_query_bwd(
-    Q, K, V, Mask, Idx, P, DO, DQ, DK, DV, DP,
-    stride_qg, stride_qr, stride_qd,
-    stride_kg, stride_kn, stride_kd,
-    stride_vg, stride_vn, stride_vd,
-    R, N, D, scale,
-    TOPK: tl.constexpr, HAS_MASK: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    Idx,
+    P,
+    DO,
+    DQ,
+    DK,
+    DV,
+    DP,
+    stride_qg,
+    stride_qr,
+    stride_qd,
+    stride_kg,
+    stride_kn,
+    stride_kd,
+    stride_vg,
+    stride_vn,
+    stride_vd,
+    R,
+    N,
+    D,
+    scale,
+    TOPK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
@@ -136,10 +187,12 @@ def _memory_query_bwd(
     m_ok = offs_m < R
     d_ok = offs_d < D
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + g * stride_qg + offs_m[:, None] * stride_qr + offs_d[None, :] * stride_qd,
-                mask=md_ok, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(DO + g * R * D + offs_m[:, None] * D + offs_d[None, :],
-                 mask=md_ok, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D), contiguous (G, R, d)
+    q = tl.load(
+        Q + g * stride_qg + offs_m[:, None] * stride_qr + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0
+    ).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(DO + g * R * D + offs_m[:, None] * D + offs_d[None, :], mask=md_ok, other=0.0).to(
+        tl.float32
+    )  # (BLOCK_M, BLOCK_D), contiguous (G, R, d)
     rows = g * R * TOPK + offs_m * TOPK  # (BLOCK_M,) into the (G, R, K) selection
     mem_rows = g * N * D  # the group's first row in the contiguous fp32 (G, N, d) dK, dV
 
@@ -152,8 +205,9 @@ def _memory_query_bwd(
         if HAS_MASK:
             mask_j = tl.load(Mask + rows + j, mask=m_ok, other=0.0).to(tl.float32)
             w_j = p_j * mask_j
-        v_j = tl.load(V + g * stride_vg + idx_j[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                      mask=md_ok, other=0.0).to(tl.float32)
+        v_j = tl.load(
+            V + g * stride_vg + idx_j[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=md_ok, other=0.0
+        ).to(tl.float32)
         dp_j = tl.sum(do * v_j, axis=1)  # (BLOCK_M,)
         if HAS_MASK:
             dp_j = dp_j * mask_j
@@ -169,8 +223,9 @@ def _memory_query_bwd(
         idx_j = tl.load(Idx + rows + j, mask=m_ok, other=0)
         p_j = tl.load(P + rows + j, mask=m_ok, other=0.0)
         ds_j = p_j * (tl.load(DP + rows + j, mask=m_ok, other=0.0) - p_dp) * scale  # (BLOCK_M,)
-        k_j = tl.load(K + g * stride_kg + idx_j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                      mask=md_ok, other=0.0).to(tl.float32)
+        k_j = tl.load(
+            K + g * stride_kg + idx_j[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=md_ok, other=0.0
+        ).to(tl.float32)
         dq += ds_j[:, None] * k_j
         if ATOMIC:
             tl.atomic_add(DK + mem_rows + idx_j[:, None] * D + offs_d[None, :], ds_j[:, None] * q, mask=md_ok)
@@ -203,10 +258,25 @@ def _memory_query_fwd_launch(q, k, v, mask, topk):
     p = torch.empty(G, R, topk, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(R, block_m), G)
     _memory_query_fwd[grid](
-        q, k, v, mask if mask is not None else p, out, idx, p,
-        *_strides(q, k, v), R, N, d, 1.0 / math.sqrt(d),
-        TOPK=topk, HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32 or q.device.type == "cpu",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        q,
+        k,
+        v,
+        mask if mask is not None else p,
+        out,
+        idx,
+        p,
+        *_strides(q, k, v),
+        R,
+        N,
+        d,
+        1.0 / math.sqrt(d),
+        TOPK=topk,
+        HAS_MASK=mask is not None,
+        IEEE=q.dtype == torch.float32 or q.device.type == "cpu",
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return out, idx, p
 
@@ -224,10 +294,28 @@ def _memory_query_bwd_launch(q, k, v, mask, idx, p, d_out):
     scratch = torch.empty(G, R, topk, dtype=torch.float32, device=q.device)  # dp, then ds
     grid = (triton.cdiv(R, block_m), G)
     _memory_query_bwd[grid](
-        q, k, v, mask if mask is not None else p, idx, p, d_out, dq, dk, dv, scratch,
-        *_strides(q, k, v), R, N, d, 1.0 / math.sqrt(d),
-        TOPK=topk, HAS_MASK=mask is not None, ATOMIC=atomic,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        q,
+        k,
+        v,
+        mask if mask is not None else p,
+        idx,
+        p,
+        d_out,
+        dq,
+        dk,
+        dv,
+        scratch,
+        *_strides(q, k, v),
+        R,
+        N,
+        d,
+        1.0 / math.sqrt(d),
+        TOPK=topk,
+        HAS_MASK=mask is not None,
+        ATOMIC=atomic,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     if not atomic:
         _scatter_rows(dk, idx, scratch, q)
@@ -242,8 +330,8 @@ def _scatter_rows(dst, idx, weights, rows, chunk=4096):
     flat_dst = dst.view(G * N, d)
     offsets = torch.arange(G, device=idx.device).view(G, 1, 1) * N  # (G, 1, 1)
     for r0 in range(0, R, chunk):
-        flat = (idx[:, r0:r0 + chunk] + offsets).reshape(-1)  # (G*r*K,)
-        contrib = weights[:, r0:r0 + chunk, :, None] * rows[:, r0:r0 + chunk, None, :].float()  # (G, r, K, d)
+        flat = (idx[:, r0 : r0 + chunk] + offsets).reshape(-1)  # (G*r*K,)
+        contrib = weights[:, r0 : r0 + chunk, :, None] * rows[:, r0 : r0 + chunk, None, :].float()  # (G, r, K, d)
         flat_dst.index_add_(0, flat, contrib.reshape(-1, d))
 
 

@@ -14,6 +14,7 @@ Implementations:
 * ``auto``: ``triton`` for CUDA tensors when triton is importable; ``cpu`` for CPU
   tensors in fp32 or fp64; ``torch`` otherwise (bf16/fp16 on CPU, other devices).
 """
+
 import os
 import warnings
 
@@ -62,8 +63,12 @@ def resolve_impl(impl, device, topk, dtype=torch.float32):
     if impl not in IMPLS:
         raise ConfigError(f"memory_query impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     if impl == "auto":
-        if (device.type == "cuda" and dtype in TRITON_DTYPES and _triton_supports_topk(topk)
-                and _triton_available(device) is None):
+        if (
+            device.type == "cuda"
+            and dtype in TRITON_DTYPES
+            and _triton_supports_topk(topk)
+            and _triton_available(device) is None
+        ):
             return "triton"
         return "cpu" if _cpu_unavailable(device, dtype) is None else "torch"
     if impl == "cpu":
@@ -77,8 +82,11 @@ def resolve_impl(impl, device, topk, dtype=torch.float32):
         if dtype not in TRITON_DTYPES:
             raise ConfigError(f"memory_query impl='triton' supports fp32, bf16 and fp16; got {dtype}")
         if not _triton_supports_topk(topk):
-            warnings.warn(f"memory_query: the triton kernel needs topk a power of two <= {TRITON_MAX_TOPK}; "
-                          f"topk={topk} runs on the torch path", stacklevel=3)
+            warnings.warn(
+                f"memory_query: the triton kernel needs topk a power of two <= {TRITON_MAX_TOPK}; "
+                f"topk={topk} runs on the torch path",
+                stacklevel=3,
+            )
             return "torch"
     return impl
 
@@ -86,14 +94,16 @@ def resolve_impl(impl, device, topk, dtype=torch.float32):
 def _check_inputs(q, k, v, topk, dropout_p):
     if q.dim() != 4:
         raise ConfigError(f"memory_query: q must be (B, H, L, d); got shape {tuple(q.shape)}")
-    B, H, L, d = q.shape
+    B, H, _L, d = q.shape
     if k.shape != v.shape or k.dim() not in (3, 4):
-        raise ConfigError(f"memory_query: k and v must both be (H, N, d) or (B, H, N, d); "
-                          f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ConfigError(
+            f"memory_query: k and v must both be (H, N, d) or (B, H, N, d); got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     want = (H, k.size(-2), d) if k.dim() == 3 else (B, H, k.size(-2), d)
     if tuple(k.shape) != want:
-        raise ConfigError(f"memory_query: k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} "
-                          f"(expected {want})")
+        raise ConfigError(
+            f"memory_query: k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} (expected {want})"
+        )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ConfigError(f"memory_query: q, k, v need one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

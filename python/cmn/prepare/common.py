@@ -7,6 +7,7 @@ annotation's paths are relative to: a folder or a link to the source's image roo
 temporary sibling and renamed into place when complete (:func:`cmn.fsutil.folder_writer`),
 so an interrupted or failed run leaves no half-written output.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,7 @@ DROPPED = "dropped.tsv"
 _MAX_WARNINGS = 20  # warnings printed one by one; the rest are counted
 _STALE_TMP_S = 3600.0
 SECTIONS = ("findings", "impression", "both")
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val",
-                 "test": "test"}
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test"}
 
 
 class Tally:
@@ -84,8 +84,7 @@ class Tally:
 
     def summary(self, source: str) -> list[str]:
         total_kept = sum(self.kept.values())
-        lines = [f"{source}: kept {total_kept} {self.unit} "
-                 f"({', '.join(f'{s} {self.kept[s]}' for s in SPLITS)})"]
+        lines = [f"{source}: kept {total_kept} {self.unit} ({', '.join(f'{s} {self.kept[s]}' for s in SPLITS)})"]
         if self.dropped:
             lines.append(f"dropped {sum(self.dropped.values())} {self.unit}:")
             lines += [f"  {n:>8}  {reason}" for reason, n in self.dropped.most_common()]
@@ -126,8 +125,7 @@ def seeded_split(ids: Iterable[str], seed: int, fractions: Sequence[float]) -> d
     order = sorted(set(ids))
     random.Random(seed).shuffle(order)
     n_train, n_val, _ = split_counts(len(order), fractions)
-    return {sid: ("train" if i < n_train else "val" if i < n_train + n_val else "test")
-            for i, sid in enumerate(order)}
+    return {sid: ("train" if i < n_train else "val" if i < n_train + n_val else "test") for i, sid in enumerate(order)}
 
 
 @dataclass(frozen=True)
@@ -165,7 +163,7 @@ def open_text(path: Path) -> IO[str]:
     try:
         with open(path, "rb") as f:
             magic = f.read(2)
-        raw: IO[bytes] = gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+        raw: IO[bytes] = gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # noqa: SIM115 - handed to the reader, closed by it
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -187,8 +185,9 @@ def read_csv(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[st
             columns = reader.fieldnames or []
             missing = [c for c in required if c not in columns]
             if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)} "
-                                f"(found: {', '.join(columns) or 'none'})")
+                raise DataError(
+                    f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'})"
+                )
             for row in reader:
                 line = reader.line_num
                 if None in row or any(v is None for v in row.values()):
@@ -215,8 +214,16 @@ def progress(iterable: Iterable, *, enabled: bool, desc: str, total: Optional[in
     """A tqdm bar on stderr (hidden when not a terminal or when ``enabled`` is False)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                disable=None if enabled else True, leave=False)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None if enabled else True,
+        leave=False,
+    )
 
 
 # ---- output folder -------------------------------------------------------------------------
@@ -239,8 +246,10 @@ def check_output_target(out: Path, force: bool, inputs: Mapping[str, Optional[Pa
         if not force:
             raise CMNError(f"--output {out}: already exists (pass --force to replace it)")
         if any(out.iterdir()) and not (out / ANNOTATION).is_file():
-            raise CMNError(f"--output {out}: not a cmn-prepare output (no {ANNOTATION}); "
-                           "refusing to replace it, remove it yourself")
+            raise CMNError(
+                f"--output {out}: not a cmn-prepare output (no {ANNOTATION}); "
+                "refusing to replace it, remove it yourself"
+            )
     remove_stale_temps(out, older_than_s=_STALE_TMP_S)
 
 
@@ -266,9 +275,9 @@ class AnnotationWriter:
         self.counts: Counter[str] = Counter()
         self._parts: dict[str, IO[str]] = {}
         for s in SPLITS:
-            self._parts[s] = open(folder / f".{s}.part", "w", encoding="utf-8")
+            self._parts[s] = open(folder / f".{s}.part", "w", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
 
-    def __enter__(self) -> "AnnotationWriter":
+    def __enter__(self) -> AnnotationWriter:
         return self
 
     def add(self, entry: Mapping) -> None:

@@ -19,6 +19,7 @@ see docs/data.md for the measurement):
 The published split cannot be derived from the reports (it is random); ``--split-from``
 reuses it by id, otherwise a seeded 70/10/20 split is drawn.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -38,7 +39,14 @@ from cmn.data.annotation import is_empty_report
 from cmn.errors import DataError
 from cmn.fsutil import folder_writer
 from cmn.prepare.common import (
-    IMAGES, AnnotationWriter, SplitFrom, Tally, check_output_target, missing_text_reason, progress, read_split_from,
+    IMAGES,
+    AnnotationWriter,
+    SplitFrom,
+    Tally,
+    check_output_target,
+    missing_text_reason,
+    progress,
+    read_split_from,
     seeded_split,
 )
 
@@ -193,10 +201,10 @@ def iter_members(path: Path, suffix: str) -> Iterator[Member]:
             for name in sorted(files):
                 if name.lower().endswith(suffix):
                     full = Path(root, name)
-                    yield Member(full.relative_to(path).as_posix(), lambda full=full: open(full, "rb"))
+                    yield Member(full.relative_to(path).as_posix(), lambda full=full: open(full, "rb"))  # noqa: SIM115 - the caller closes it
         return
     try:
-        tar = tarfile.open(path, mode="r|*")
+        tar = tarfile.open(path, mode="r|*")  # noqa: SIM115 - closed by the `with tar` below
     except FileNotFoundError:
         raise DataError(f"{path}: not found") from None
     except _ARCHIVE_ERRORS as e:
@@ -228,7 +236,7 @@ class _ArchiveFile:
         except _ARCHIVE_ERRORS as e:
             raise DataError(f"{self.archive}: damaged or truncated archive ({e})") from None
 
-    def __enter__(self) -> "_ArchiveFile":
+    def __enter__(self) -> _ArchiveFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -258,8 +266,9 @@ class IUOptions:
 def prepare(opts: IUOptions) -> list[str]:
     """Build ``opts.output`` (annotation.json, images/<id>/<k>.png, dropped.tsv); return the
     summary lines to print."""
-    check_output_target(opts.output, opts.force, {"--reports": opts.reports, "--images": opts.images,
-                                                   "--split-from": opts.split_from})
+    check_output_target(
+        opts.output, opts.force, {"--reports": opts.reports, "--images": opts.images, "--split-from": opts.split_from}
+    )
     split_from = read_split_from(opts.split_from) if opts.split_from else None
     tally = Tally("studies", strict=opts.strict)
 
@@ -281,9 +290,15 @@ def prepare(opts: IUOptions) -> list[str]:
     wanted = {i for r in with_text for i in r.image_ids}
     with folder_writer(opts.output, replace=opts.force) as tmp:
         sources, n_images, n_other = _collect_images(opts, wanted, tmp / ".staging")
-        studies = select_studies(reports, sources.__contains__, tally, section=opts.section,
-                                 impression_fallback=opts.impression_fallback, split_from=split_from,
-                                 source=str(opts.images))
+        studies = select_studies(
+            reports,
+            sources.__contains__,
+            tally,
+            section=opts.section,
+            impression_fallback=opts.impression_fallback,
+            split_from=split_from,
+            source=str(opts.images),
+        )
         if split_from is not None:
             split = {s.id: split_from.split[s.id] for s in studies}
             studies.sort(key=lambda s: split_from.position[s.id])
@@ -310,17 +325,21 @@ def prepare(opts: IUOptions) -> list[str]:
         tally.write_dropped(tmp / "dropped.tsv")
         shutil.rmtree(tmp / ".staging", ignore_errors=True)
 
-    lines = [f"read {n_files} report files and {n_images} images ({n_other} images referenced by no "
-             "report with text)"]
+    lines = [f"read {n_files} report files and {n_images} images ({n_other} images referenced by no report with text)"]
     lines += tally.summary("iu_xray")
     if split_from is not None:
         absent = len(set(split_from.split) - {s.id for s in studies})
-        lines.append(f"--split-from {opts.split_from}: {len(split_from.split) - absent} of "
-                     f"{len(split_from.split)} ids prepared")
-    lines.append(f"wrote {opts.output}/annotation.json, {n_written} images under {opts.output}/{IMAGES}, "
-                 f"and {opts.output}/dropped.tsv")
-    lines.append(f"train: cmn-train --dataset iu_xray --ann-path {opts.output}/annotation.json "
-                 f"--image-dir {opts.output}/{IMAGES}")
+        lines.append(
+            f"--split-from {opts.split_from}: {len(split_from.split) - absent} of {len(split_from.split)} ids prepared"
+        )
+    lines.append(
+        f"wrote {opts.output}/annotation.json, {n_written} images under {opts.output}/{IMAGES}, "
+        f"and {opts.output}/dropped.tsv"
+    )
+    lines.append(
+        f"train: cmn-train --dataset iu_xray --ann-path {opts.output}/annotation.json "
+        f"--image-dir {opts.output}/{IMAGES}"
+    )
     return lines
 
 
@@ -334,8 +353,10 @@ def _collect_images(opts: IUOptions, wanted: set[str], staging: Path) -> tuple[d
             n_seen += 1
             stem = image_stem(member.name)
             if stem in found:
-                raise DataError(f"--images {opts.images}: two files named {stem}.png "
-                                f"({found[stem].relative_to(opts.images)} and {member.name})")
+                raise DataError(
+                    f"--images {opts.images}: two files named {stem}.png "
+                    f"({found[stem].relative_to(opts.images)} and {member.name})"
+                )
             found[stem] = opts.images / member.name
     else:
         staging.mkdir()

@@ -21,6 +21,7 @@ Memory stays bounded: the split file is read as a stream, one report is read at 
 the zip (by name, random access) and entries go to disk as they are made; only the metadata's
 view of each image is held, when ``--views`` is given.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,26 +35,60 @@ from cmn.data.annotation import is_empty_report
 from cmn.errors import DataError
 from cmn.fsutil import folder_writer
 from cmn.prepare.common import (
-    IMAGES, AnnotationWriter, Tally, check_output_target, count_csv_rows, link_images, missing_text_reason, progress,
-    read_csv, split_value,
+    IMAGES,
+    AnnotationWriter,
+    Tally,
+    check_output_target,
+    count_csv_rows,
+    link_images,
+    missing_text_reason,
+    progress,
+    read_csv,
+    split_value,
 )
 
 NUM_VIEWS = 1
 _HEADER = re.compile(r"\n ([A-Z ()/,-]+):\s")
 # Section names that MIT-LCP's normaliser maps to impression / findings although they do not
 # contain the word (a synonym and the misspellings found in MIMIC-CXR).
-_IMPRESSION_NAMES = frozenset({
-    "conclusion", "ndication", "impresson", "imprression", "imoression", "impressoin", "imprssion",
-    "impresion", "imperssion", "mpression", "impession",
-})
+_IMPRESSION_NAMES = frozenset(
+    {
+        "conclusion",
+        "ndication",
+        "impresson",
+        "imprression",
+        "imoression",
+        "impressoin",
+        "imprssion",
+        "impresion",
+        "imperssion",
+        "mpression",
+        "impession",
+    }
+)
 _FINDINGS_NAMES = frozenset({"finding", "findins", "findindgs", "findgings", "findngs", "findnings", "finidngs"})
 # Headers that name the main sections, checked in this order (a name with two of them takes the first).
 _MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")
 # A header that describes the whole examination ("CHEST, PA AND LATERAL") opens the findings.
 _VIEW_WORDS = (
-    "chest", "portable", "pa and lateral", "lateral and pa", "ap and lateral", "lateral and ap", "frontal and",
-    "two views", "frontal view", "pa view", "ap view", "one view", "lateral view", "bone window",
-    "frontal upright", "frontal semi-upright", "ribs", "pa and lat",
+    "chest",
+    "portable",
+    "pa and lateral",
+    "lateral and pa",
+    "ap and lateral",
+    "lateral and ap",
+    "frontal and",
+    "two views",
+    "frontal view",
+    "pa view",
+    "ap view",
+    "one view",
+    "lateral view",
+    "bone window",
+    "frontal upright",
+    "frontal semi-upright",
+    "ribs",
+    "pa and lat",
 )
 _REPORT_NAME = re.compile(r"^(.*?)p\d\d/p\d+/s\d+\.txt$")
 
@@ -90,7 +125,7 @@ def split_sections(text: str) -> list[tuple[str, str]]:
             header, start = m.group(1), m.end()
             line_end = text.find("\n", start)
             m = _HEADER.search(text, start if line_end < 0 else line_end)
-            parts.append((section_name(header), text[start: len(text) if m is None else m.start()]))
+            parts.append((section_name(header), text[start : len(text) if m is None else m.start()]))
     parts = [(n, t) for n, t in parts if not (n in ("findings", "impression") and not t.strip())]
     if not any(n in ("findings", "impression") for n, _ in parts):
         name, last = parts[-1]
@@ -206,8 +241,11 @@ def prepare(opts: MimicOptions) -> list[str]:
     the summary lines to print."""
     from cmn.text import clean_report
 
-    check_output_target(opts.output, opts.force, {"--reports": opts.reports, "--split": opts.split,
-                                                   "--metadata": opts.metadata, "--images": opts.images})
+    check_output_target(
+        opts.output,
+        opts.force,
+        {"--reports": opts.reports, "--split": opts.split, "--metadata": opts.metadata, "--images": opts.images},
+    )
     root = image_root(opts.images)
     if opts.views and opts.metadata is None:
         raise DataError("--views needs --metadata (mimic-cxr-2.0.0-metadata.csv.gz, for ViewPosition)")
@@ -226,8 +264,11 @@ def prepare(opts: MimicOptions) -> list[str]:
         try:
             raw = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            tally.warn("unreadable report files", f"{opts.reports}: {store.name(subject, study)}: not UTF-8 text "
-                                                  f"(invalid byte 0x{data[e.start]:02x} at offset {e.start})")
+            tally.warn(
+                "unreadable report files",
+                f"{opts.reports}: {store.name(subject, study)}: not UTF-8 text "
+                f"(invalid byte 0x{data[e.start]:02x} at offset {e.start})",
+            )
             return "", "unreadable report"
         text = report_text(raw, opts.section, opts.impression_fallback)
         if not text:
@@ -266,8 +307,16 @@ def prepare(opts: MimicOptions) -> list[str]:
                         tally.warn("image files not found", f"--images {root}: {rel} not found")
                         tally.drop(rel, "missing image")
                         continue
-                    writer.add({"id": dicom, "study_id": int(study), "subject_id": int(subject), "report": text,
-                                "image_path": [rel], "split": split})
+                    writer.add(
+                        {
+                            "id": dicom,
+                            "study_id": int(study),
+                            "subject_id": int(subject),
+                            "report": text,
+                            "image_path": [rel],
+                            "split": split,
+                        }
+                    )
                     tally.keep(split)
                     studies_kept.add(study)
             link_images(tmp, root)
@@ -277,8 +326,11 @@ def prepare(opts: MimicOptions) -> list[str]:
 
     lines = tally.summary("mimic_cxr")
     lines.insert(1, f"({len(studies_kept)} studies; one entry per image)")
-    lines.append(f"wrote {opts.output}/annotation.json, {opts.output}/{IMAGES} (a link to {root}), "
-                 f"and {opts.output}/dropped.tsv")
-    lines.append(f"train: cmn-train --dataset mimic_cxr --ann-path {opts.output}/annotation.json "
-                 f"--image-dir {opts.output}/{IMAGES}")
+    lines.append(
+        f"wrote {opts.output}/annotation.json, {opts.output}/{IMAGES} (a link to {root}), and {opts.output}/dropped.tsv"
+    )
+    lines.append(
+        f"train: cmn-train --dataset mimic_cxr --ann-path {opts.output}/annotation.json "
+        f"--image-dir {opts.output}/{IMAGES}"
+    )
     return lines

@@ -15,6 +15,7 @@ per study, ``mimic_cxr`` one; a study with fewer is dropped, one with more uses 
 A path that leaves ``--image-root`` (``../``), a missing column, a duplicate id or text that
 is not UTF-8 stops the run with one error naming the file and line.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,14 @@ from cmn.data.annotation import is_empty_report
 from cmn.errors import DataError
 from cmn.fsutil import folder_writer
 from cmn.prepare.common import (
-    IMAGES, AnnotationWriter, Tally, check_output_target, link_images, progress, read_csv, seeded_split,
+    IMAGES,
+    AnnotationWriter,
+    Tally,
+    check_output_target,
+    link_images,
+    progress,
+    read_csv,
+    seeded_split,
     split_value,
 )
 
@@ -153,8 +161,9 @@ def prepare(opts: TableOptions) -> list[str]:
 
     lines = tally.summary("csv")
     how = "copies of the images" if opts.copy_images else f"a link to {opts.image_root}"
-    lines.append(f"wrote {opts.output}/annotation.json, {opts.output}/{IMAGES} ({how}), "
-                 f"and {opts.output}/dropped.tsv")
-    lines.append(f"train: cmn-train --dataset {opts.preset} --ann-path {opts.output}/annotation.json "
-                 f"--image-dir {opts.output}/{IMAGES}")
+    lines.append(f"wrote {opts.output}/annotation.json, {opts.output}/{IMAGES} ({how}), and {opts.output}/dropped.tsv")
+    lines.append(
+        f"train: cmn-train --dataset {opts.preset} --ann-path {opts.output}/annotation.json "
+        f"--image-dir {opts.output}/{IMAGES}"
+    )
     return lines

@@ -5,11 +5,13 @@ clinical efficacy counts as an error, under the same ``--uncertain`` policy) are
 in both texts; rows sort by per-study BLEU-4 (pycocoevalcap's per-image score), by id or by
 the number of disagreements. Self-contained, like the ``cmn-explain`` page.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -50,8 +52,8 @@ def marked_text(text: str, flagged: Mapping[str, str]) -> str:
     for m in find_mentions(text):
         if m.observation not in flagged or m.start < pos:
             continue
-        out.append(esc(source[pos:m.start]))
-        out.append(f'<mark title="{esc(flagged[m.observation])}">{esc(source[m.start:m.end])}</mark>')
+        out.append(esc(source[pos : m.start]))
+        out.append(f'<mark title="{esc(flagged[m.observation])}">{esc(source[m.start : m.end])}</mark>')
         pos = m.end
     out.append(esc(source[pos:]))
     return "".join(out)
@@ -61,8 +63,14 @@ def _fmt(value: float) -> str:
     return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
 
 
-def render_eval_page(references: Mapping[str, str], predictions: Mapping[str, str], scores: Mapping[str, float],
-                     *, uncertain: str = "negative", title: str = "cmn-eval") -> str:
+def render_eval_page(
+    references: Mapping[str, str],
+    predictions: Mapping[str, str],
+    scores: Mapping[str, float],
+    *,
+    uncertain: str = "negative",
+    title: str = "cmn-eval",
+) -> str:
     """The page as a string; ``scores`` are the overall scores printed by ``cmn-eval``."""
     keys = sorted(predictions)
     bleu = per_study_bleu4(references, predictions)
@@ -71,26 +79,33 @@ def render_eval_page(references: Mapping[str, str], predictions: Mapping[str, st
     differ = disagreements(ref_labels, pred_labels, uncertain)  # (n, 14)
     rows = []
     for n, key in enumerate(keys):
-        flagged = {CHEXPERT_OBSERVATIONS[j]: f"{CHEXPERT_OBSERVATIONS[j]}: prediction {_label_word(pred_labels[n, j])}, "
-                                             f"reference {_label_word(ref_labels[n, j])}"
-                   for j in np.flatnonzero(differ[n])}
+        flagged = {
+            CHEXPERT_OBSERVATIONS[j]: f"{CHEXPERT_OBSERVATIONS[j]}: prediction {_label_word(pred_labels[n, j])}, "
+            f"reference {_label_word(ref_labels[n, j])}"
+            for j in np.flatnonzero(differ[n])
+        }
         names = ", ".join(flagged) or "-"
         rows.append(
             f'<tr data-id="{esc(key)}" data-bleu="{bleu[key]:.6f}" data-disagree="{len(flagged)}">'
-            f"<td>{esc(key)}</td><td class=\"num\">{bleu[key]:.4f}</td>"
+            f'<td>{esc(key)}</td><td class="num">{bleu[key]:.4f}</td>'
             f"<td>{marked_text(predictions[key], flagged)}</td><td>{marked_text(references[key], flagged)}</td>"
             f"<td>{esc(names)}</td></tr>"
         )
-    summary = ("<tr>" + "".join(f"<th>{esc(k)}</th>" for k in scores) + "</tr><tr>"
-               + "".join(f"<td class=\"num\">{_fmt(v)}</td>" for v in scores.values()) + "</tr>")
+    summary = (
+        "<tr>"
+        + "".join(f"<th>{esc(k)}</th>" for k in scores)
+        + "</tr><tr>"
+        + "".join(f'<td class="num">{_fmt(v)}</td>' for v in scores.values())
+        + "</tr>"
+    )
     n_differ = int(differ.any(axis=1).sum())
     body = (
         f"<h1>{esc(title)}</h1>\n"
-        f"<p class=\"muted\">{len(keys)} studies; {n_differ} with a finding the labeler reads differently in "
+        f'<p class="muted">{len(keys)} studies; {n_differ} with a finding the labeler reads differently in '
         f"prediction and reference (<mark>highlighted</mark>; uncertain counts as {esc(uncertain)}, as in the CE "
         "scores). Click a column heading to sort.</p>\n"
-        f"<div class=\"scroll\"><table class=\"summary\">{summary}</table></div>\n"
-        "<table class=\"studies\"><thead><tr>"
+        f'<div class="scroll"><table class="summary">{summary}</table></div>\n'
+        '<table class="studies"><thead><tr>'
         '<th><button type="button" data-sort="id">id</button></th>'
         '<th><button type="button" data-sort="bleu">BLEU-4</button></th>'
         "<th>prediction</th><th>reference</th>"
@@ -100,8 +115,17 @@ def render_eval_page(references: Mapping[str, str], predictions: Mapping[str, st
     return page(title, body, css=asset("eval.css"), script=asset("eval.js"))
 
 
-def write_eval_page(path: Path, references: Mapping[str, str], predictions: Mapping[str, str],
-                    scores: Mapping[str, float], *, uncertain: str = "negative", title: Optional[str] = None) -> None:
+def write_eval_page(
+    path: Path,
+    references: Mapping[str, str],
+    predictions: Mapping[str, str],
+    scores: Mapping[str, float],
+    *,
+    uncertain: str = "negative",
+    title: Optional[str] = None,
+) -> None:
     """Write :func:`render_eval_page` to ``path`` atomically."""
-    write_atomic(path, render_eval_page(references, predictions, scores, uncertain=uncertain,
-                                        title=title or f"cmn-eval: {path.stem}"))
+    write_atomic(
+        path,
+        render_eval_page(references, predictions, scores, uncertain=uncertain, title=title or f"cmn-eval: {path.stem}"),
+    )

@@ -3,6 +3,7 @@
 Shared by ``cmn-explain`` and ``cmn-eval --html``: the page shell, escaping, inlined images and
 data blocks. Scripts and styles live beside this module (``assets/``) and are inlined.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,10 +55,10 @@ def json_block(element_id: str, payload: Any) -> str:
 def page(title: str, body: str, *, css: str = "", script: str = "") -> str:
     """A complete HTML document: the shared style, then ``css``, ``body`` and ``script``."""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         # Nothing is loaded from anywhere: the page must open from disk, offline.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         "img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">\n"
         f"<title>{esc(title)}</title>\n<style>\n{asset('base.css')}\n{css}\n</style>\n</head>\n"
         f"<body>\n{body}\n<script>\n{script}\n</script>\n</body>\n</html>\n"

@@ -6,13 +6,15 @@ ROUGE-L), ``val_ce.png`` (validation clinical efficacy, when the run computed it
 ``curves.png`` with all of them. The best epoch (validation BLEU-4, the model selection
 rule) is marked. matplotlib is an optional extra: ``pip install 'cmn[plot]'``.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from cmn.cliutil import ArgumentParser, user_errors
 from cmn.errors import CMNError, DataError
@@ -91,8 +93,9 @@ def _draw(ax, records: list[dict], title: str, keys: Sequence[str]) -> bool:
 
 def plot_run(records: list[dict], out_dir: Path, title: str = "") -> list[Path]:
     """Write the curves of ``records`` (from :func:`read_log`) into ``out_dir``; returns the files."""
-    from cmn.fsutil import write_atomic
     import io
+
+    from cmn.fsutil import write_atomic
 
     plt = require_matplotlib()
     written = []

@@ -19,12 +19,33 @@ fact has two or three phrasings, chosen at random with a dominant first phrasing
 Each study is drawn from its own generator seeded by (seed, split, index), so changing
 ``n_train`` leaves the validation and test studies unchanged.
 """
+
 from cmn.data.demo.findings import FINDINGS, Findings, sample_findings
 from cmn.data.demo.render import render_study
 from cmn.data.demo.reports import read_report, score_findings, write_report
 from cmn.data.demo.store import (
-    DEMO_VERSION, MARKER, DemoParams, drawn_findings, ensure_demo_data, finding_regions, read_params,
+    DEMO_VERSION,
+    MARKER,
+    DemoParams,
+    drawn_findings,
+    ensure_demo_data,
+    finding_regions,
+    read_params,
 )
 
-__all__ = ["DEMO_VERSION", "FINDINGS", "MARKER", "DemoParams", "Findings", "drawn_findings", "ensure_demo_data", "finding_regions",
-           "read_params", "read_report", "render_study", "sample_findings", "score_findings", "write_report"]
+__all__ = [
+    "DEMO_VERSION",
+    "FINDINGS",
+    "MARKER",
+    "DemoParams",
+    "Findings",
+    "drawn_findings",
+    "ensure_demo_data",
+    "finding_regions",
+    "read_params",
+    "read_report",
+    "render_study",
+    "sample_findings",
+    "score_findings",
+    "write_report",
+]

@@ -1,4 +1,5 @@
 """What a demo study shows: six findings drawn independently (see :mod:`cmn.data.demo`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,14 @@ class Findings:
     device: str  # "" | "catheter" | "pacemaker"
 
     def labels(self) -> dict[str, bool]:
-        present = (self.cardiomegaly, self.effusion_side, self.pneumothorax_side,
-                   self.nodule_lobe, self.consolidation_side, self.device)
+        present = (
+            self.cardiomegaly,
+            self.effusion_side,
+            self.pneumothorax_side,
+            self.nodule_lobe,
+            self.consolidation_side,
+            self.device,
+        )
         return {name: bool(v) for name, v in zip(FINDINGS, present)}
 
 

@@ -1,4 +1,5 @@
 """Rendering of the demo radiographs: a frontal PA view and a lateral view of one patient."""
+
 from __future__ import annotations
 
 import functools
@@ -77,7 +78,7 @@ class _Canvas:
 
 def _bezier(p0, p1, p2, n=12):
     t = np.linspace(0, 1, n)[:, None]
-    pts = (1 - t) ** 2 * np.array(p0) + 2 * (1 - t) * t * np.array(p1) + t ** 2 * np.array(p2)
+    pts = (1 - t) ** 2 * np.array(p0) + 2 * (1 - t) * t * np.array(p1) + t**2 * np.array(p2)
     return [tuple(p) for p in pts]
 
 
@@ -160,7 +161,7 @@ def _render_frontal(cv: _Canvas, f: Findings, anat: dict, regions: Optional[dict
 
     # Ribs: posterior arcs, sloping down laterally.
     ax = np.abs(X) - 0.1
-    phase = (Y - 0.45 * ax + 0.35 * ax ** 2 - anat["rib_phase"]) / anat["rib_gap"] + 0.15 * cv.smooth_noise(6)
+    phase = (Y - 0.45 * ax + 0.35 * ax**2 - anat["rib_phase"]) / anat["rib_gap"] + 0.15 * cv.smooth_noise(6)
     ribs = _sigmoid((np.cos(2 * np.pi * phase) - 0.55) * 8) * _sigmoid((Y + 0.8) / 0.03)
     lung_value = lung_value + 0.06 * ribs
 
@@ -218,8 +219,11 @@ def _render_frontal(cv: _Canvas, f: Findings, anat: dict, regions: Optional[dict
         cx, cy = g["cx"] + _side_x(f.consolidation_side) * 0.05, g["base"] - 0.3
         patch = np.exp(-2 * cv.radius(cx, cy, 0.2, 0.17) ** 2) * np.clip(0.8 + 0.35 * cv.smooth_noise(3.5), 0, 1.5)
         img += 0.26 * patch * lungs[0 if f.consolidation_side == "right" else 1]
-        _note(regions, "consolidation", 2 * np.exp(-2 * cv.radius(cx, cy, 0.2, 0.17) ** 2)
-              * lungs[0 if f.consolidation_side == "right" else 1])
+        _note(
+            regions,
+            "consolidation",
+            2 * np.exp(-2 * cv.radius(cx, cy, 0.2, 0.17) ** 2) * lungs[0 if f.consolidation_side == "right" else 1],
+        )
 
     if f.nodule_lobe:
         side, level = f.nodule_lobe.split()
@@ -256,7 +260,7 @@ def _render_lateral(cv: _Canvas, f: Findings, anat: dict, regions: Optional[dict
     lx, ly, lrx, lry = 0.05, -0.05, 0.58, 0.66
     r = cv.radius(lx, ly, lrx, lry)
     field = _sigmoid((1 - r) * lrx / cv.edge)
-    dia = anat["diaphragm_y"] + 0.18 * X - 0.08 * (1 - X ** 2)
+    dia = anat["diaphragm_y"] + 0.18 * X - 0.08 * (1 - X**2)
     lung = field * (1 - cv.below(dia))
     markings = 0.4 * cv.smooth_noise(1.3) + 0.8 * cv.ellipse(0.05, -0.02, 0.14, 0.14)
     lung_value = anat["lung_dark"] + 0.05 + 0.05 * markings
@@ -334,18 +338,26 @@ def _finish(img: np.ndarray, cv: _Canvas, look: dict) -> np.ndarray:
 def _anatomy(f: Findings, rng: np.random.Generator) -> dict:
     ctr = {"": rng.uniform(0.40, 0.47), "mild": rng.uniform(0.56, 0.60), "moderate": rng.uniform(0.64, 0.70)}
     return {
-        "lung_cx": rng.uniform(0.4, 0.44), "lung_cy": rng.uniform(-0.08, -0.03),
-        "lung_rx": rng.uniform(0.29, 0.33), "lung_ry": rng.uniform(0.7, 0.75),
-        "diaphragm_y": rng.uniform(0.46, 0.54), "dome": rng.uniform(0.1, 0.15),
-        "medial_x": rng.uniform(0.1, 0.13), "lung_dark": rng.uniform(0.12, 0.18),
-        "rib_gap": rng.uniform(0.15, 0.18), "rib_phase": rng.uniform(0, 0.16),
-        "heart_cy": rng.uniform(0.17, 0.23), "ctr": ctr[f.cardiomegaly],
-        "ptx_depth": rng.uniform(0.3, 0.4), "nodule_dx": rng.uniform(-0.06, 0.06),
+        "lung_cx": rng.uniform(0.4, 0.44),
+        "lung_cy": rng.uniform(-0.08, -0.03),
+        "lung_rx": rng.uniform(0.29, 0.33),
+        "lung_ry": rng.uniform(0.7, 0.75),
+        "diaphragm_y": rng.uniform(0.46, 0.54),
+        "dome": rng.uniform(0.1, 0.15),
+        "medial_x": rng.uniform(0.1, 0.13),
+        "lung_dark": rng.uniform(0.12, 0.18),
+        "rib_gap": rng.uniform(0.15, 0.18),
+        "rib_phase": rng.uniform(0, 0.16),
+        "heart_cy": rng.uniform(0.17, 0.23),
+        "ctr": ctr[f.cardiomegaly],
+        "ptx_depth": rng.uniform(0.3, 0.4),
+        "nodule_dx": rng.uniform(-0.06, 0.06),
     }
 
 
-def render_study(f: Findings, size: int, rng: np.random.Generator,
-                 regions: Optional[tuple[dict, dict]] = None) -> tuple[np.ndarray, np.ndarray]:
+def render_study(
+    f: Findings, size: int, rng: np.random.Generator, regions: Optional[tuple[dict, dict]] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Frontal and lateral uint8 (size, size) images showing the findings ``f``.
 
     ``regions``: two dicts (frontal, lateral) that receive, per drawn finding of
@@ -353,8 +365,12 @@ def render_study(f: Findings, size: int, rng: np.random.Generator,
     the same random numbers and gives the same images.
     """
     anat = _anatomy(f, rng)
-    look = {"contrast": rng.uniform(0.9, 1.15), "brightness": rng.uniform(-0.04, 0.04),
-            "gamma": rng.uniform(0.85, 1.15), "noise": rng.uniform(0.01, 0.025)}
+    look = {
+        "contrast": rng.uniform(0.9, 1.15),
+        "brightness": rng.uniform(-0.04, 0.04),
+        "gamma": rng.uniform(0.85, 1.15),
+        "noise": rng.uniform(0.01, 0.025),
+    }
     views = []
     for view, render in enumerate((_render_frontal, _render_lateral)):
         cv = _Canvas(size, rng)

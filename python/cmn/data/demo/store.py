@@ -1,4 +1,5 @@
 """The demo dataset on disk: deterministic generation, atomic and shared by concurrent callers."""
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,15 @@ def _generate(out: Path, params: DemoParams) -> None:
             (images / sid).mkdir(parents=True)
             for view, arr in enumerate((frontal, lateral)):
                 Image.fromarray(arr).save(images / sid / f"{view}.png", format="PNG")
-            entries.append({"id": sid, "report": report, "image_path": [f"{sid}/0.png", f"{sid}/1.png"],
-                            "split": split, "findings": asdict(findings)})
+            entries.append(
+                {
+                    "id": sid,
+                    "report": report,
+                    "image_path": [f"{sid}/0.png", f"{sid}/1.png"],
+                    "split": split,
+                    "findings": asdict(findings),
+                }
+            )
         annotation[split] = entries
     (out / "annotation.json").write_text(json.dumps(annotation, indent=1), encoding="utf-8")
     # Written last: its presence means the folder is complete.

@@ -6,6 +6,7 @@ in dtype X, plus a small floor. Gradients are checked for q, the memory matrix M
 key/value projections Wk, Wv, with k = M Wk^T and v = M Wv^T split into heads, as the model
 builds them.
 """
+
 import torch
 
 from cmn.ops import memory_query
@@ -46,8 +47,9 @@ def run(leaves, grad_out, topk, impl, dtype, shared=True, device="cpu", **kwargs
         t = (mem @ W.T).view(*mem.shape[:-1], H, d)  # (..., N, H, d)
         return t.transpose(-3, -2)  # (H, N, d) or (B, H, N, d)
 
-    out, idx, weights = memory_query(x["q"], heads(x["Wk"]), heads(x["Wv"]), topk, impl=impl,
-                                     return_selection=True, **kwargs)
+    out, idx, weights = memory_query(
+        x["q"], heads(x["Wk"]), heads(x["Wv"]), topk, impl=impl, return_selection=True, **kwargs
+    )
     grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device=device, dtype=dtype))
     result = {"out": out, "idx": idx, "weights": weights}
     result.update({f"grad_{n}": gr for n, gr in zip(leaves, grads)})
