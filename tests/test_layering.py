@@ -8,8 +8,19 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "python" / "cmn"
 LOWER = ("model", "ops", "data", "metrics")
 # modules of the top layer: command lines, training and inference orchestration
-UPPER = {"cmn.cli", "cmn.cliutil", "cmn.train", "cmn.engine", "cmn.inference", "cmn.compare", "cmn.explain",
-         "cmn.convert", "cmn.prepare", "cmn.viz", "cmn.metrics.cli"}
+UPPER = {
+    "cmn.cli",
+    "cmn.cliutil",
+    "cmn.train",
+    "cmn.engine",
+    "cmn.inference",
+    "cmn.compare",
+    "cmn.explain",
+    "cmn.convert",
+    "cmn.prepare",
+    "cmn.viz",
+    "cmn.metrics.cli",
+}
 
 
 def imported_modules(path: Path) -> set[str]:

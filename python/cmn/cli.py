@@ -97,7 +97,11 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", choices=DATASETS, default="demo", help="preset of reference defaults (default: demo)")
     d.add_argument("--ann-path", help="R2Gen annotation.json")
     d.add_argument("--image-dir", help="folder the annotation's image paths are relative to")
-    d.add_argument("--image-size", type=bounded("image_size"), help=f"CNN input size (preset: 224; demo {PRESETS['demo'].data['image_size']})")
+    d.add_argument(
+        "--image-size",
+        type=bounded("image_size"),
+        help=f"CNN input size (preset: 224; demo {PRESETS['demo'].data['image_size']})",
+    )
     d.add_argument("--max-seq-length", type=bounded("max_seq_length"), help="tokens kept per report (IU 60, MIMIC 100)")
     d.add_argument(
         "--threshold", type=bounded("threshold"), help="minimum token count for the vocabulary (IU 3, MIMIC 10)"
