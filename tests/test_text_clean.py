@@ -4,8 +4,11 @@
 golden tests below pin each of its quirks with literal expected strings.
 """
 
+import os
+import platform
 import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -307,3 +310,51 @@ def test_one_report_where_a_list_belongs_is_a_type_error(one):
 def test_unknown_dataset_is_a_data_error():
     with pytest.raises(DataError, match="unknown dataset 'chexpert'|unknown dataset \"chexpert\""):
         clean_report("x", "chexpert")
+
+
+def _other_interpreters() -> list[str]:
+    """Python 3.9+ interpreters on this machine other than the running one (PATH and pyenv)."""
+    import glob
+    import shutil
+    import subprocess
+
+    found = {}
+    candidates = [shutil.which(f"python3.{m}") for m in range(9, 15)]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
+    for exe in filter(None, candidates):
+        try:
+            out = subprocess.run(
+                [exe, "-c", "import sys; print(sys.version_info[:2] >= (3, 9), sys.version.split()[0])"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        ok, _, version = out.stdout.strip().partition(" ")
+        if out.returncode == 0 and ok == "True" and version != platform.python_version():
+            found.setdefault(version, exe)
+    return sorted(found.values())
+
+
+@pytest.mark.slow
+def test_lowercase_matches_every_python_on_this_machine():
+    """The case table comes from the running interpreter, so the cleaner matches the reference
+    on each Python version it runs on (Unicode data differs between them: 13.0 on 3.9/3.10,
+    15.x on 3.12/3.13). The abi3 module is loaded by each interpreter found here; the running
+    one is checked by the test above."""
+    import subprocess
+
+    package = Path(_native.__file__).resolve().parents[1]
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from cmn import _native\n"
+        "chars = ''.join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)\n"
+        "text = chars + ' ΣΑΣ ΣΑΣ. ὈΔΥΣΣΕΎΣ'\n"
+        "assert _native._py_lower(text) == text.lower()\n"
+    )
+    checked = []
+    for exe in _other_interpreters():
+        out = subprocess.run([exe, "-c", script, str(package)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"{exe}: {out.stderr[-2000:]}"
+        checked.append(exe)
+    print(f"lowercasing checked on {platform.python_version()} and {checked}")

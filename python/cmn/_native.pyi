@@ -11,10 +11,22 @@ limits, never a panic or an abort: ``Tokenizer.encode_batch`` ``max_len`` 0 to 2
 """
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional, Union, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "BeamSearch",
+    "TextInputError",
+    "Tokenizer",
+    "_py_lower",
+    "clean_report",
+    "clean_reports",
+    "memory_query_backward",
+    "memory_query_forward",
+    "version",
+]
 
 _Text = Union[str, bytes]
 
@@ -55,6 +67,7 @@ def memory_query_backward(
     threads: int,
 ) -> None: ...
 
+@final
 class Tokenizer:
     @staticmethod
     def build(reports: Sequence[_Text], threshold: int, dataset: str) -> Tokenizer: ...
@@ -74,6 +87,7 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str: ...
     def decode_batch(self, ids: npt.NDArray[np.int64]) -> list[str]: ...
 
+@final
 class BeamSearch:
     """Beam-search bookkeeping, one object per search; rows are item-major, ``beam_size``
     per unfinished item. Per step the caller masks :meth:`banned` pairs in its (R, V)
@@ -84,17 +98,20 @@ class BeamSearch:
     :meth:`finalize` gives per item the ``n_best`` ``(tokens, score)`` best first.
     Log-probabilities must be <= 0 (early stopping relies on it)."""
 
-    def __init__(
-        self,
+    # Defaults: eos_id=0, no_repeat_ngram_size=0, n_best=1. They are written ``...`` here
+    # because the runtime signature shows them so (PyO3 cannot render them), and stubtest
+    # compares the two.
+    def __new__(
+        cls,
         batch_size: int,
         beam_size: int,
         max_len: int,
         *,
-        eos_id: int = 0,
+        eos_id: int = ...,
         length_penalty: float = 0.0,
-        no_repeat_ngram_size: int = 0,
-        n_best: int = 1,
-    ) -> None: ...
+        no_repeat_ngram_size: int = ...,
+        n_best: int = ...,
+    ) -> BeamSearch: ...
     @property
     def done(self) -> bool: ...
     @property

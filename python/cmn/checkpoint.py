@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import torch
 
@@ -72,7 +72,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     path = Path(path)
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    model = cast("CMN", getattr(model, "module", model))  # unwrap DistributedDataParallel
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     trees = dict(extra_states or {})
     if trainer_state is not None:

@@ -17,11 +17,15 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional, Protocol
 
 from cmn.errors import CMNError
 
-Main = Callable[[Optional[Sequence[str]]], int]
+
+class Main(Protocol):
+    """A wrapped command: ``main(argv=None)`` (``None`` reads ``sys.argv``), returning the exit status."""
+
+    def __call__(self, argv: Optional[Sequence[str]] = None) -> int: ...
 
 
 class UsageError(CMNError):
@@ -33,7 +37,7 @@ class ArgumentParser(argparse.ArgumentParser):
     ``error: --flag: cause`` line and exit status 2 (through :func:`user_errors`), no usage
     block. ``--help`` is unchanged."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         if message.startswith("argument "):
             message = message[len("argument ") :]
         raise UsageError(f"{message} (see {self.prog} --help)")
@@ -67,13 +71,13 @@ class _GuardedStdout:
         return getattr(self._stream, name)
 
 
-def user_errors(main: Main) -> Main:
+def user_errors(main: Callable[[Optional[Sequence[str]]], int]) -> Main:
     """Turn user-facing errors into one line on stderr and exit code 2."""
 
     @functools.wraps(main)
     def wrapper(argv: Optional[Sequence[str]] = None) -> int:
         real = sys.stdout
-        sys.stdout = _GuardedStdout(real)  # type: ignore[assignment]
+        sys.stdout = _GuardedStdout(real)
         try:
             code = main(argv)
             sys.stdout.flush()

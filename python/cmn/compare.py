@@ -122,9 +122,10 @@ def plot_sweep(path: Path, name: str, values: list[str], summary: dict[str, dict
     xs = [float(v) for v in values]
     for key, label in (("BLEU_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CE_F1", "CE F1")):
         rows = [summary[f"{name}={v}"].get(key) for v in values]
-        if all(r is not None for r in rows):
+        present = [r for r in rows if r is not None]
+        if len(present) == len(rows):
             ax.errorbar(
-                xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3, label=label
+                xs, [r["mean"] for r in present], yerr=[r["std"] for r in present], marker="o", capsize=3, label=label
             )
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, values)

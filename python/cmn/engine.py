@@ -6,13 +6,16 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 import torch.distributed as dist
 
 from cmn.data.dataset import check_batch
 from cmn.errors import CMNError
+
+if TYPE_CHECKING:
+    from cmn.model.cmn import CMN
 
 
 def autocast(device: torch.device, precision: str):
@@ -129,7 +132,7 @@ def generate_split(
     Both sides are decoded from token ids, as the reference code scores them: references
     are the cleaned, vocabulary-mapped, truncated targets.
     """
-    model = getattr(model, "module", model)
+    model = cast("CMN", getattr(model, "module", model))  # unwrap DistributedDataParallel
     model.eval()
     references: dict[str, str] = {}
     predictions: dict[str, str] = {}

@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -287,7 +287,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
             drop_last=False,
         )
     )
-    loader_kw = dict(
+    loader_kw: dict[str, Any] = dict(
         num_workers=data.num_workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
@@ -561,7 +561,7 @@ def _demo_macro_f1(run: _Run, preds: dict[str, str]) -> Optional[dict[str, float
     truth = drawn_findings(run.ann_path, "val")
     ids = [k for k in preds if k in truth]
     scores = score_findings([truth[k] for k in ids], [preds[k] for k in ids])
-    return {name: round(scores[name]["f1"], 4) for name in FINDINGS}
+    return {name: round(cast(float, scores[name]["f1"]), 4) for name in FINDINGS}  # f1 is never None
 
 
 def _demo_findings(run: _Run, preds: dict[str, str], baseline: dict[str, str]) -> dict[str, Any]:

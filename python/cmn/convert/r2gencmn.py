@@ -28,12 +28,15 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from cmn.config import VISUAL_EXTRACTORS, ModelConfig
 from cmn.errors import CheckpointError, DataError
+
+if TYPE_CHECKING:
+    from cmn.model.cmn import CMN
 
 ED = "encoder_decoder."
 VE = "visual_extractor.model."
@@ -41,7 +44,7 @@ _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 _LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # torchvision ResNets: block type and blocks per stage -> name (cmn supports those listed in
 # VISUAL_EXTRACTORS; the others are named in the error).
-_RESNETS = {
+_RESNETS: dict[tuple[str, tuple[int, ...]], str] = {
     ("basic", (2, 2, 2, 2)): "resnet18",
     ("basic", (3, 4, 6, 3)): "resnet34",
     ("bottleneck", (3, 4, 6, 3)): "resnet50",
@@ -57,7 +60,7 @@ class ReferenceCheckpoint:
     state: dict[str, torch.Tensor]
     epoch: Optional[int] = None
     monitor_best: Optional[float] = None
-    optimizer: Optional[dict[str, Any]] = None
+    optimizer: Optional[Mapping[str, Any]] = None
     order: list[str] = field(default_factory=list)  # state-dict keys in saved order
 
 
@@ -323,9 +326,7 @@ def _is_buffer(key: str) -> bool:
     return key.endswith(_BUFFER_SUFFIXES) or key.endswith(".pe")
 
 
-def remap_optimizer(
-    ref: ReferenceCheckpoint, names: Mapping[str, str], model: torch.nn.Module, origin: str
-) -> dict[str, Any]:
+def remap_optimizer(ref: ReferenceCheckpoint, names: Mapping[str, str], model: CMN, origin: str) -> dict[str, Any]:
     """The reference's Adam state re-indexed to cmn's parameter order.
 
     The reference's groups are (visual extractor parameters, every other parameter), each in
@@ -346,7 +347,7 @@ def remap_optimizer(
             f"{origin}: optimizer has {len(groups)} group(s) over {total} parameters; expected the reference's 2 "
             f"groups over {len(ref_order)}"
         )
-    ref_index = {}
+    ref_index: dict[int, str] = {}
     for g in groups:
         for i in g["params"]:
             ref_index[int(i)] = ref_order[len(ref_index)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ class ReportDataset(Dataset):
     def _view(self, path: str) -> torch.Tensor:
         if self.image_cache is None:
             return self.transform(load_image(path))  # (3, S, S)
-        tf = self.transform
+        tf = cast(ImageTransform, self.transform)  # checked in __init__ when there is a cache
         return tf.rest(self.image_cache.get(path, tf.resize, tf.resize_key))  # (3, S, S)
 
     def __repr__(self) -> str:

@@ -65,7 +65,7 @@ class Explanation:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.cross_attention.shape[3:5])  # type: ignore[return-value]
+        return tuple(self.cross_attention.shape[3:5])
 
     def attention(self, words: Union[int, Sequence[int]], layer: Optional[int] = None) -> np.ndarray:
         """(V, h, w) float32 cross-attention of one word, or the mean over several words; the
@@ -81,25 +81,33 @@ class Explanation:
         if not self.shared_memory or self.word_slots is None:
             raise ValueError("memory overlap needs a model whose patches and words query one memory (variant cmn)")
         idx = [words] if isinstance(words, (int, np.integer)) else list(words)
-        V, h, w, H, K = self.patch_slots.shape
+        word_slots, word_weights, patch_slots, patch_weights = self._memory_readings()
+        V, h, w, H, K = patch_slots.shape
         ov = memory_overlap(
-            self.word_slots[idx],
-            self.word_slot_weights[idx],
-            self.patch_slots.reshape(-1, H, K),
-            self.patch_slot_weights.reshape(-1, H, K),
+            word_slots[idx],
+            word_weights[idx],
+            patch_slots.reshape(-1, H, K),
+            patch_weights.reshape(-1, H, K),
         )
         return ov.mean(axis=0).reshape(V, h, w)
 
     def overlap_matrix(self) -> np.ndarray:
         """(T, V, h, w) float32: :meth:`overlap` of every word."""
-        V, h, w, H, K = self.patch_slots.shape
+        word_slots, word_weights, patch_slots, patch_weights = self._memory_readings()
+        V, h, w, H, K = patch_slots.shape
         ov = memory_overlap(
-            self.word_slots,
-            self.word_slot_weights,
-            self.patch_slots.reshape(-1, H, K),
-            self.patch_slot_weights.reshape(-1, H, K),
+            word_slots,
+            word_weights,
+            patch_slots.reshape(-1, H, K),
+            patch_weights.reshape(-1, H, K),
         )
         return ov.reshape(len(self.words), V, h, w)
+
+    def _memory_readings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(word_slots, word_slot_weights, patch_slots, patch_slot_weights) of a model with memory."""
+        assert self.word_slots is not None and self.word_slot_weights is not None, "a model without memory"
+        assert self.patch_slots is not None and self.patch_slot_weights is not None, "a model without memory"
+        return self.word_slots, self.word_slot_weights, self.patch_slots, self.patch_slot_weights
 
 
 def memory_overlap(
@@ -174,6 +182,7 @@ def _traced_forward(model, images: torch.Tensor, targets: torch.Tensor):
         calls = memory_inputs[id(visual_q)] + (memory_inputs[id(text_q)] if text_q is not visual_q else [])
         # encode() queries the memory with the patches before embed_tokens() does with the words
         for side, (query, (x, kv)) in enumerate(zip((visual_q, text_q), calls)):
+            assert query is not None  # text_q is set whenever visual_q is
             _, idx, weights = query(x, kv, return_selection=True)  # (B, H, L, K) each
             selections[side] = (idx, weights.float())
     return torch.stack(cross, 1), selections[0], selections[1]  # cross (B, Y, T+1, V*P)

@@ -71,7 +71,12 @@ def study_payload(e: Explanation) -> dict:
         ],
         "memory": None,
     }
-    if e.word_slots is not None and e.patch_slots is not None:
+    if (
+        e.word_slots is not None
+        and e.patch_slots is not None
+        and e.word_slot_weights is not None
+        and e.patch_slot_weights is not None
+    ):
         H, K = e.patch_slots.shape[-2:]
         memory = {
             "heads": int(H),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -107,7 +107,7 @@ def finding_word(e, finding: str) -> Optional[int]:
     return next((i for i, word in enumerate(e.words) if word in FINDING_WORDS[finding] and i not in negated), None)
 
 
-def score_study(e, regions: dict[str, tuple[np.ndarray, ...]], tally: Tally) -> None:
+def score_study(e, regions: Mapping[str, tuple[np.ndarray, ...]], tally: Tally) -> None:
     """Add the cases of one explained study (its drawn ``regions``) to ``tally``."""
     h, w = e.grid
     for finding, masks in regions.items():
@@ -147,8 +147,8 @@ def measure(
     params = read_params(demo_root)
     try:
         entries = json.loads((demo_root / "annotation.json").read_text(encoding="utf-8"))[split]
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{demo_root / 'annotation.json'}: no split {split!r} ({e})") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{demo_root / 'annotation.json'}: no split {split!r} ({err})") from None
     entries = entries[:limit] if limit else entries
     device = bundle.device
     tally = Tally()

@@ -399,6 +399,7 @@ def _headings(report: str) -> list[tuple[int, int, str]]:
         if m is None and (report[colon - 1 : colon].isupper() or report[colon - 1 : colon] == ")"):
             m = upper.search(report, max(line_start, colon - _HEADING_REACH), colon)
         if m is not None:
+            assert m.lastgroup is not None  # both patterns match through one named group
             out.append((m.start(), colon + 1, m.lastgroup[0]))
         colon = report.find(":", colon + 1)
     return out

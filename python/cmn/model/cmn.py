@@ -71,7 +71,7 @@ class CMN(nn.Module):
         """
 
         def project(query: MemoryQuery, memory: MemoryMatrix) -> MemoryKV:
-            m = memory.weight  # (N, D)
+            m: torch.Tensor = memory.weight  # (N, D)
             if per_sequence:
                 m = m.unsqueeze(0).expand(per_sequence, *m.shape)  # (R, N, D)
                 k = query.k_proj(m).view(per_sequence, -1, query.num_heads, query.d_k).transpose(1, 2)

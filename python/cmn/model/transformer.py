@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn as nn
@@ -155,6 +155,8 @@ class DecoderLayer(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
+    pe: torch.Tensor  # (max_len, d_model) buffer
+
     def __init__(self, d_model: int, dropout: float, max_len: int = 5000):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
@@ -201,14 +203,14 @@ class Decoder(nn.Module):
         """An empty cache for rows decoding against ``memory`` (R, S, d_model)."""
         caches = []
         for layer in self.layers:
-            ck, cv = layer.src_attn.project_kv(memory)  # (R, H, S, d_k)
+            ck, cv = cast(DecoderLayer, layer).src_attn.project_kv(memory)  # (R, H, S, d_k)
             empty = ck.new_zeros(ck.shape[0], ck.shape[1], 0, ck.shape[3])
             caches.append(LayerCache(empty, empty, ck, cv))
         return caches
 
     def step(self, x: torch.Tensor, caches: list[LayerCache], src_mask: Optional[torch.Tensor]) -> torch.Tensor:
         for layer, cache in zip(self.layers, caches):
-            x = layer.step(x, cache, src_mask)
+            x = cast(DecoderLayer, layer).step(x, cache, src_mask)
         return self.norm(x)
 
 

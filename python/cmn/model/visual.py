@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Optional
+from typing import Optional, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -40,9 +40,13 @@ def _bn_stats_once(block: nn.Module):
     with momentum 0, so running statistics are updated once per step, as without checkpointing."""
     norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
+    def tracked_count(m: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+        assert m.num_batches_tracked is not None  # ResNet's BatchNorms track running statistics
+        return m.num_batches_tracked
+
     @contextlib.contextmanager
     def recompute():
-        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+        saved = [(m.momentum, tracked_count(m).clone()) for m in norms]
         for m in norms:
             m.momentum = 0.0
         try:
@@ -50,7 +54,7 @@ def _bn_stats_once(block: nn.Module):
         finally:
             for m, (momentum, tracked) in zip(norms, saved):
                 m.momentum = momentum
-                m.num_batches_tracked.copy_(tracked)
+                tracked_count(m).copy_(tracked)
 
     return lambda: (contextlib.nullcontext(), recompute())
 
@@ -61,6 +65,7 @@ class _PerView:
     statistics once per view in order, exactly like one call per view."""
 
     groups: int = 1
+    training: bool  # from the nn.Module it is mixed into
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (V*B, C, h, w), view-major
         if not self.training or self.groups == 1:
@@ -76,7 +81,10 @@ class ViewSyncBatchNorm(_PerView, nn.SyncBatchNorm):
     """:class:`torch.nn.SyncBatchNorm` (statistics across ranks) with per-view training statistics."""
 
 
-def _swap_norms(module: nn.Module, cls: type) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _swap_norms(module: _M, cls: type) -> _M:
     """Replace every BatchNorm in ``module`` by ``cls`` with the same parameters and buffers."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and type(child) is not cls:
@@ -111,10 +119,11 @@ class VisualExtractor(nn.Module):
             return self.trunk(x)
         from torch.utils.checkpoint import checkpoint
 
-        stem, stages = self.trunk[:4], self.trunk[4:]
+        # a slice of a Sequential is a Sequential (torch annotates it ``Sequential | Module``)
+        stem, stages = self.trunk[:4], cast(nn.Sequential, self.trunk[4:])
         x = stem(x)
         for stage in stages:
-            for block in stage:
+            for block in cast(nn.Sequential, stage):  # a ResNet stage
                 x = checkpoint(block, x, use_reentrant=False, context_fn=_bn_stats_once(block))
         return x
 

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Optional, Union
 
 from cmn.data.annotation import SPLITS, load_annotation
 from cmn.errors import CMNError, DataError
@@ -140,7 +140,8 @@ class SplitFrom:
 def read_split_from(path: Path) -> SplitFrom:
     """Read another R2Gen annotation (validated by cmn's own loader) for ``--split-from``."""
     studies = load_annotation(path)
-    split, position = {}, {}
+    split: dict[str, str] = {}
+    position: dict[str, int] = {}
     for name in SPLITS:
         for study in studies[name]:
             if study.id in split:
@@ -163,7 +164,12 @@ def open_text(path: Path) -> IO[str]:
     try:
         with open(path, "rb") as f:
             magic = f.read(2)
-        raw: IO[bytes] = gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # noqa: SIM115 - handed to the reader, closed by it
+        # handed to the reader, closed by it
+        raw: Union[gzip.GzipFile, io.BufferedReader]
+        if magic == b"\x1f\x8b":
+            raw = gzip.open(path, "rb")  # noqa: SIM115
+        else:
+            raw = open(path, "rb")  # noqa: SIM115
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:

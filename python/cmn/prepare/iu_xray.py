@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Any, Optional, Protocol
 from xml.etree import ElementTree
 
 from cmn.data.annotation import is_empty_report
@@ -186,10 +186,31 @@ def select_studies(
 
 
 # ---- reading the downloads ----------------------------------------------------------------
+class MemberFile(Protocol):
+    """What :attr:`Member.open` gives: a binary file to read, used in a ``with``."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+    def __enter__(self) -> MemberFile: ...
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any, /) -> None: ...
+
+
 @dataclass(frozen=True)
 class Member:
     name: str  # path inside the archive or folder
-    open: Callable[[], IO[bytes]]  # valid until the next member is read
+    open: Callable[[], MemberFile]  # valid until the next member is read
+
+
+def _file_opener(full: Path) -> Callable[[], MemberFile]:
+    return lambda: open(full, "rb")  # the caller closes it
+
+
+def _archive_opener(archive: Path, tar: tarfile.TarFile, m: tarfile.TarInfo) -> Callable[[], MemberFile]:
+    def open_member() -> _ArchiveFile:
+        f = tar.extractfile(m)
+        assert f is not None  # only regular files are members
+        return _ArchiveFile(archive, f)
+
+    return open_member
 
 
 def iter_members(path: Path, suffix: str) -> Iterator[Member]:
@@ -201,7 +222,7 @@ def iter_members(path: Path, suffix: str) -> Iterator[Member]:
             for name in sorted(files):
                 if name.lower().endswith(suffix):
                     full = Path(root, name)
-                    yield Member(full.relative_to(path).as_posix(), lambda full=full: open(full, "rb"))  # noqa: SIM115 - the caller closes it
+                    yield Member(full.relative_to(path).as_posix(), _file_opener(full))
         return
     try:
         tar = tarfile.open(path, mode="r|*")  # noqa: SIM115 - closed by the `with tar` below
@@ -221,7 +242,7 @@ def iter_members(path: Path, suffix: str) -> Iterator[Member]:
             except _ARCHIVE_ERRORS as e:
                 raise DataError(f"{path}: damaged or truncated archive ({e})") from None
             if m.isfile() and m.name.lower().endswith(suffix):
-                yield Member(m.name, lambda m=m: _ArchiveFile(path, tar.extractfile(m)))
+                yield Member(m.name, _archive_opener(path, tar, m))
 
 
 class _ArchiveFile:

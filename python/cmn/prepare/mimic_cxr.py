@@ -247,9 +247,12 @@ def prepare(opts: MimicOptions) -> list[str]:
         {"--reports": opts.reports, "--split": opts.split, "--metadata": opts.metadata, "--images": opts.images},
     )
     root = image_root(opts.images)
-    if opts.views and opts.metadata is None:
-        raise DataError("--views needs --metadata (mimic-cxr-2.0.0-metadata.csv.gz, for ViewPosition)")
-    views = read_views(opts.metadata) if opts.views else None
+    wanted_views = opts.views or ()
+    views: Optional[dict[str, str]] = None
+    if wanted_views:
+        if opts.metadata is None:
+            raise DataError("--views needs --metadata (mimic-cxr-2.0.0-metadata.csv.gz, for ViewPosition)")
+        views = read_views(opts.metadata)
     store = ReportStore(opts.reports)
     tally = Tally("images", strict=opts.strict)
     studies_kept: set[str] = set()
@@ -294,7 +297,7 @@ def prepare(opts: MimicOptions) -> list[str]:
                         if view is None:
                             tally.drop(rel, "not in --metadata")
                             continue
-                        if view not in opts.views:
+                        if view not in wanted_views:
                             tally.drop(rel, f"view {view or '(none)'} not in --views")
                             continue
                     if study != last_study:

@@ -23,7 +23,7 @@ def esc(text: Any) -> str:
 
 
 def asset(name: str) -> str:
-    return resources.files("cmn.viz").joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files("cmn.viz").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def image_data_uri(image: np.ndarray, max_px: int, quality: int = 85) -> tuple[str, int, int]:
@@ -35,7 +35,9 @@ def image_data_uri(image: np.ndarray, max_px: int, quality: int = 85) -> tuple[s
     pic = Image.fromarray(arr)
     scale = min(1.0, max_px / max(pic.size))
     if scale < 1.0:
-        pic = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.LANCZOS)
+        pic = pic.resize(
+            (max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.Resampling.LANCZOS
+        )
     buf = io.BytesIO()
     pic.save(buf, format="JPEG", quality=quality, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), pic.width, pic.height

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -198,7 +199,7 @@ def _side(f: Findings, finding: str) -> str:
     return value.split()[0] if finding == "nodule" and value else value
 
 
-def score_findings(truth: Sequence[Findings], reports: Sequence[str]) -> dict[str, dict[str, float]]:
+def score_findings(truth: Sequence[Findings], reports: Sequence[str]) -> dict[str, dict[str, Optional[float]]]:
     """Per drawn finding, how well generated ``reports`` state what the images show.
 
     ``precision``/``recall``/``f1`` of presence; ``laterality``: of the studies where the
@@ -211,17 +212,20 @@ def score_findings(truth: Sequence[Findings], reports: Sequence[str]) -> dict[st
     if len(truth) != len(reports):
         raise ValueError(f"{len(truth)} truths but {len(reports)} reports")
     read = [read_report(r) for r in reports]
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Optional[float]]] = {}
+    f1s: list[float] = []
     for name in FINDINGS:
         t = [f.labels()[name] for f in truth]
         p = [f.labels()[name] for f in read]
         tp = sum(a and b for a, b in zip(t, p))
         prec = tp / sum(p) if sum(p) else 0.0
         rec = tp / sum(t) if sum(t) else 0.0
-        row = {
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        f1s.append(f1)
+        row: dict[str, Optional[float]] = {
             "precision": prec,
             "recall": rec,
-            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "f1": f1,
             "support": float(sum(t)),
             "laterality": None,
         }
@@ -230,5 +234,5 @@ def score_findings(truth: Sequence[Findings], reports: Sequence[str]) -> dict[st
             row["laterality"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else None
             row["lateral_cases"] = float(len(pairs))
         out[name] = row
-    out["macro_f1"] = {"f1": sum(out[n]["f1"] for n in FINDINGS) / len(FINDINGS)}
+    out["macro_f1"] = {"f1": sum(f1s) / len(FINDINGS)}
     return out

@@ -53,7 +53,8 @@ def finding_regions(params: DemoParams, split: str, index: int) -> dict[str, tup
     """
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be one of {', '.join(_SPLIT_CODES)}, got {split!r}")
-    frontal, lateral = {}, {}
+    frontal: dict[str, np.ndarray] = {}
+    lateral: dict[str, np.ndarray] = {}
     _study(params, split, index, (frontal, lateral))
     return {name: (frontal[name], lateral[name]) for name in FINDINGS if name in frontal}
 
