@@ -6,7 +6,7 @@ PY ?= python3
 install:
 	$(PY) -m pip install -e ".[test]"
 
-# Set up and train on the built-in demo data (about 10 minutes on 2 CPU cores).
+# Set up and train on the built-in demo data (about 13 minutes on 2 CPU cores, measured).
 demo:
 	$(PY) -m pip install . && cmn-train
 
@@ -35,7 +35,7 @@ browser:
 
 # Everything CI runs: install, Rust checks, the test suite, and each benchmark once (smoke).
 test: install browser rust-check lint
-	$(PY) -m pytest tests benches --benchmark-disable
+	$(PY) -m pytest tests benches --benchmark-disable --durations=15
 
 # Full CPU benchmarks (timed); see benches/RESULTS.md.
 bench:

@@ -50,7 +50,9 @@ from cmn.engine import autocast, masked_nll
 from cmn.model.cmn import CMN, build_model
 
 SCENARIOS = ("train_full", "train_encdec", "generate")
-CONFIGS = ("naive", "default", "checkpointed")  # checkpointed: default + --checkpoint-visual
+# checkpointed: default + --checkpoint-visual; jointbn: default + --joint-view-bn (BatchNorm
+# statistics over both views, cmn 0.1's way; the default keeps them per view, as the reference)
+CONFIGS = ("naive", "default", "checkpointed", "jointbn")
 BLOCK_NGRAM = 3  # the reference's IU X-Ray runs block repeated trigrams
 
 
@@ -120,6 +122,7 @@ def model_config(sizes: Sizes, config: str) -> ModelConfig:
         topk=sizes.topk,
         max_seq_length=sizes.seq_len,
         memory_impl="naive" if config == "naive" else "auto",
+        joint_view_bn=config == "jointbn",
     )
 
 

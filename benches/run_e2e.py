@@ -35,6 +35,7 @@ VARIANT_TITLES = {
     ("default", "bf16"): ", default under bf16 autocast",
     ("checkpointed", "fp32"): ", default with --checkpoint-visual",
     ("checkpointed", "bf16"): ", --low-memory (= bf16 autocast + --checkpoint-visual)",
+    ("jointbn", "fp32"): ", --joint-view-bn (one BatchNorm statistic over both views)",
 }
 
 
@@ -47,6 +48,7 @@ def cases(device, scenarios=e2e_cases.SCENARIOS):
             out.append((scenario, "default", "bf16"))
         if scenario == "train_full":
             out += [(scenario, "checkpointed", "fp32"), (scenario, "checkpointed", "bf16")]
+            out.append((scenario, "jointbn", "fp32"))  # what per-view BatchNorm (the default) costs
     return out
 
 
