@@ -254,6 +254,7 @@ def demo_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CMN_DEMO_DIR", str(tmp_path_factory.getbasetemp() / "demo-bad"))
 
 
+@pytest.mark.slow
 def test_run_folder_is_not_reused_without_resume_or_overwrite(tmp_path, capsys, demo_env):
     out = ["--output-dir", str(tmp_path / "run")]
     assert train_main(TINY + out + ["--eval-max-batches", "1"]) == 0

@@ -158,6 +158,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill_9_trials(tmp_path, parts):
     """Real SIGKILLs at random moments, two per trial (the second hits the recovery)."""
     model, tok = parts

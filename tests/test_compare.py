@@ -55,6 +55,7 @@ def test_plan_and_summary():
     assert s["cmn"]["BLEU_4"]["std"] == pytest.approx(0.1414213562, rel=1e-6)  # sample std of 0.2, 0.4
 
 
+@pytest.mark.slow
 def test_variants_and_seeds_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["--model", "base,cmn", "--seeds", "0,1", "--output-dir", str(out), *TINY]) == 0
@@ -72,6 +73,7 @@ def test_variants_and_seeds_end_to_end(tmp_path, capsys):
     assert "done before, kept" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sweep_writes_a_plot(tmp_path):
     out = tmp_path / "sweep"
     i = TINY.index("--memory-size")

@@ -164,6 +164,7 @@ def test_optimizer_state_follows_the_parameters(converted):
     assert len(ref.optimizer["state"]) > 10
 
 
+@pytest.mark.slow
 def test_init_from_a_converted_bundle_trains(converted, tmp_path):
     from cmn.cli import train_main
 

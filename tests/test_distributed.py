@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).parent
@@ -19,6 +20,7 @@ def torchrun(args, tmp_path, timeout=300, **env_extra):
     return proc
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_single_process_steps(tmp_path):
     script = str(HERE / "helpers" / "ddp_step.py")
     single, double = tmp_path / "single.pt", tmp_path / "ddp.pt"
@@ -34,6 +36,7 @@ def test_two_gloo_ranks_match_single_process_steps(tmp_path):
     assert abs(a["stats"]["train_loss"] - b["stats"]["train_loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_cmn_train_under_torchrun_checkpoints_on_rank0(tmp_path):
     out = tmp_path / "run"
     args = [

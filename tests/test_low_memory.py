@@ -24,6 +24,7 @@ def test_low_memory_with_fp32_is_an_error(capsys):
     assert err.startswith("error: --low-memory") and "--precision fp32" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_low_memory_run_uses_bf16_and_checkpointing(tmp_path, monkeypatch):
     import cmn.engine
     from cmn.train import run_training

@@ -28,6 +28,7 @@ def _jsonl(path, rows):
     return path
 
 
+@pytest.mark.slow
 def test_eval_jsonl_end_to_end_with_meteor(tmp_path, capsys):
     out = tmp_path / "scores.json"
     assert eval_main(["--predictions", str(_jsonl(tmp_path / "p.jsonl", ROWS)), "--output", str(out)]) == 0

@@ -39,6 +39,7 @@ def _close_meteor(m):
     m.meteor_p.wait()
 
 
+@pytest.mark.slow
 def test_scores_equal_direct_pycocoevalcap(scorer):
     gts = {k: [REFS[k]] for k in REFS}
     res = {k: [PREDS[k]] for k in REFS}

@@ -45,6 +45,7 @@ def test_tiny_model_overfits_two_studies():
     assert beam == expected
 
 
+@pytest.mark.slow
 def test_tiny_training_run_writes_metrics_and_checkpoints(tmp_path):
     from cmn.checkpoint import load_checkpoint
     from cmn.train import run_training
@@ -63,6 +64,7 @@ def test_tiny_training_run_writes_metrics_and_checkpoints(tmp_path):
     assert len(preds) == 4 and all(p["reference"] for p in preds)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_exactly(tmp_path, workers):
     """Killed after epoch 1 and resumed (random crops and flips on, loader workers or not):
@@ -96,6 +98,7 @@ def test_resume_continues_exactly(tmp_path, workers):
     assert losses(la) == losses(lb)
 
 
+@pytest.mark.slow
 def test_resume_with_other_model_is_refused(tmp_path):
     from cmn.errors import ConfigError
     from cmn.train import run_training
@@ -107,6 +110,7 @@ def test_resume_with_other_model_is_refused(tmp_path):
         run_training(data, model_kw, train, progress=False, quiet=True)
 
 
+@pytest.mark.slow
 def test_bf16_trains(tmp_path):
     from cmn.train import run_training
 

@@ -166,6 +166,7 @@ def test_bare_payload_file_refused(run_copy, tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and not marker.exists()
 
 
+@pytest.mark.slow
 def test_legacy_state_resumes_when_trusted_and_is_rewritten(run_copy, capsys):
     last = run_copy / "last"
     _legacy_state(last)
