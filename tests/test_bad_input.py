@@ -20,30 +20,10 @@ from cmn.config import ModelConfig
 from cmn.metrics.cli import eval_main, label_main
 from cmn.model import build_model
 from cmn.text import Tokenizer
+from helpers.tiny import TINY_DEMO_FLAGS
 
 TINY = [
-    "--demo-size",
-    "8",
-    "4",
-    "4",
-    "--image-size",
-    "64",
-    "--batch-size",
-    "4",
-    "--num-workers",
-    "0",
-    "--d-model",
-    "32",
-    "--d-ff",
-    "32",
-    "--num-heads",
-    "4",
-    "--num-layers",
-    "1",
-    "--memory-size",
-    "32",
-    "--topk",
-    "4",
+    *TINY_DEMO_FLAGS[2:],  # --dataset comes from each case
     "--epochs",
     "1",
     "--beam-size",

@@ -10,32 +10,10 @@ from pathlib import Path
 import pytest
 
 from cmn.cli import generate_main, train_main
+from helpers.tiny import TINY_DEMO_FLAGS
 
 TINY = [
-    "--dataset",
-    "demo",
-    "--demo-size",
-    "8",
-    "4",
-    "4",
-    "--image-size",
-    "64",
-    "--batch-size",
-    "4",
-    "--num-workers",
-    "0",
-    "--d-model",
-    "32",
-    "--d-ff",
-    "32",
-    "--num-heads",
-    "4",
-    "--num-layers",
-    "1",
-    "--memory-size",
-    "32",
-    "--topk",
-    "4",
+    *TINY_DEMO_FLAGS,
     "--epochs",
     "1",
     "--beam-size",

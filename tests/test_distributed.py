@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.tiny import TINY_DEMO_FLAGS
+
 HERE = Path(__file__).parent
 
 
@@ -42,30 +44,7 @@ def test_cmn_train_under_torchrun_checkpoints_on_rank0(tmp_path):
     args = [
         "-m",
         "cmn.cli",
-        "--dataset",
-        "demo",
-        "--demo-size",
-        "8",
-        "4",
-        "4",
-        "--image-size",
-        "64",
-        "--batch-size",
-        "4",
-        "--num-workers",
-        "0",
-        "--d-model",
-        "32",
-        "--d-ff",
-        "32",
-        "--num-heads",
-        "4",
-        "--num-layers",
-        "1",
-        "--memory-size",
-        "32",
-        "--topk",
-        "4",
+        *TINY_DEMO_FLAGS,
         "--epochs",
         "1",
         "--beam-size",

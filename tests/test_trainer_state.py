@@ -12,32 +12,10 @@ import torch
 from cmn.checkpoint import decode_state, encode_state, load_trainer_state
 from cmn.cli import train_main
 from cmn.errors import CheckpointError
+from helpers.tiny import TINY_DEMO_FLAGS
 
 TINY = [
-    "--dataset",
-    "demo",
-    "--demo-size",
-    "8",
-    "4",
-    "4",
-    "--image-size",
-    "64",
-    "--batch-size",
-    "4",
-    "--num-workers",
-    "0",
-    "--d-model",
-    "32",
-    "--d-ff",
-    "32",
-    "--num-heads",
-    "4",
-    "--num-layers",
-    "1",
-    "--memory-size",
-    "32",
-    "--topk",
-    "4",
+    *TINY_DEMO_FLAGS,
     "--beam-size",
     "2",
     "--no-progress",

@@ -68,3 +68,11 @@ def tiny_run(tmp_path, out, workers=0, **train_kw):
     )
     kw.update(train_kw)
     return data, dict(TINY_MODEL), TrainConfig(**kw)
+
+
+# cmn-train flags of a tiny demo run (seconds on a CPU): data, model; add epochs, beam, output
+TINY_DEMO_FLAGS = [
+    "--dataset", "demo", "--demo-size", "8", "4", "4", "--image-size", "64", "--batch-size", "4",
+    "--num-workers", "0", "--d-model", "32", "--d-ff", "32", "--num-heads", "4", "--num-layers", "1",
+    "--memory-size", "32", "--topk", "4",
+]  # fmt: skip
