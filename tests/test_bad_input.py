@@ -16,11 +16,10 @@ from PIL import Image
 
 from cmn.checkpoint import save_checkpoint
 from cmn.cli import generate_main, train_main
-from cmn.config import ModelConfig
 from cmn.metrics.cli import eval_main, label_main
 from cmn.model import build_model
 from cmn.text import Tokenizer
-from helpers.tiny import TINY_DEMO_FLAGS
+from helpers.tiny import TINY_DEMO_FLAGS, tiny_cfg
 
 TINY = [
     *TINY_DEMO_FLAGS[2:],  # --dataset comes from each case
@@ -92,19 +91,7 @@ def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     tok = Tokenizer.build(["the heart is normal .", "no effusion ."], 1, "iu_xray")
     torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(
-            vocab_size=len(tok),
-            visual_extractor="resnet18",
-            d_model=32,
-            d_ff=32,
-            num_heads=4,
-            num_layers=1,
-            memory_size=16,
-            topk=4,
-            max_seq_length=8,
-        )
-    )
+    model = build_model(tiny_cfg(vocab_size=len(tok), num_layers=1, max_seq_length=8))
     info = {
         "dataset": "iu_xray",
         "clean_rule": "iu_xray",

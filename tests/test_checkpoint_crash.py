@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from cmn.checkpoint import load_checkpoint, resolve_bundle, save_checkpoint
-from cmn.config import ModelConfig
 from cmn.fsutil import remove_stale_temps
 from cmn.model import build_model
 from cmn.text import Tokenizer
+from helpers.tiny import tiny_cfg
 
 INFO = {
     "dataset": "iu_xray",
@@ -43,16 +43,8 @@ def parts():
     tok = Tokenizer.build(["the heart is normal ."], 1, "iu_xray")
     torch.manual_seed(0)
     model = build_model(
-        ModelConfig(
-            vocab_size=len(tok),
-            visual_extractor="resnet18",
-            d_model=16,
-            d_ff=16,
-            num_heads=2,
-            num_layers=1,
-            memory_size=8,
-            topk=2,
-            max_seq_length=8,
+        tiny_cfg(
+            vocab_size=len(tok), d_model=16, d_ff=16, num_heads=2, num_layers=1, memory_size=8, topk=2, max_seq_length=8
         )
     )
     return model, tok

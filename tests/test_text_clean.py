@@ -352,8 +352,8 @@ def test_lowercase_matches_every_python_on_this_machine():
         "text = chars + ' ΣΑΣ ΣΑΣ. ὈΔΥΣΣΕΎΣ'\n"
         "assert _native._py_lower(text) == text.lower()\n"
     )
-    checked = []
-    for exe in _other_interpreters():
+    checked: list[str] = []
+    for exe in [sys.executable, *_other_interpreters()]:
         out = subprocess.run([exe, "-c", script, str(package)], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, f"{exe}: {out.stderr[-2000:]}"
         checked.append(exe)

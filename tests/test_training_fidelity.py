@@ -11,31 +11,16 @@ import pytest
 import torch
 import torchvision
 
-from cmn.config import ModelConfig
 from cmn.engine import masked_nll
 from cmn.model import build_model
+from helpers.tiny import tiny_cfg
 
 BOUND = 1e-10  # fp64: same operations in another grouping
 
 
 def tiny(**kw):
-    cfg = dict(
-        vocab_size=12,
-        visual_extractor="resnet18",
-        d_model=32,
-        d_ff=32,
-        num_heads=4,
-        num_layers=1,
-        memory_size=16,
-        topk=4,
-        dropout=0.0,
-        attention_dropout=0.0,
-        drop_prob_lm=0.0,
-        num_views=2,
-    )
-    cfg.update(kw)
     torch.manual_seed(0)
-    return build_model(ModelConfig(**cfg)).double()
+    return build_model(tiny_cfg(**{"vocab_size": 12, "num_layers": 1, "max_seq_length": 60, **kw})).double()
 
 
 def batch(B=3, V=2, S=64):
