@@ -136,6 +136,7 @@ class _Run:
     best_epoch: int = 0
     bad_epochs: int = 0
     best_val: dict = field(default_factory=dict)
+    val_truth: Optional[dict] = None  # demo data: drawn findings of the validation split, read once
 
     @property
     def best_dir(self) -> Path:
@@ -558,7 +559,9 @@ def _demo_macro_f1(run: _Run, preds: dict[str, str]) -> Optional[dict[str, float
     from cmn.data.demo import drawn_findings, score_findings
     from cmn.data.demo.findings import FINDINGS
 
-    truth = drawn_findings(run.ann_path, "val")
+    if run.val_truth is None:
+        run.val_truth = drawn_findings(run.ann_path, "val")
+    truth = run.val_truth
     ids = [k for k in preds if k in truth]
     scores = score_findings([truth[k] for k in ids], [preds[k] for k in ids])
     return {name: round(cast(float, scores[name]["f1"]), 4) for name in FINDINGS}  # f1 is never None
