@@ -230,7 +230,9 @@ def test_run_folder_is_not_reused_without_resume_or_overwrite(tmp_path, capsys, 
     one_error_line(capsys, "already holds a run", "--overwrite")
     assert (tmp_path / "run" / "log.jsonl").read_text() == first
     assert train_main(TINY + out + ["--overwrite", "--eval-max-batches", "1"]) == 0
-    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == len(first.splitlines())  # a new run's log (warm-up, epoch 1), nothing appended
+    assert [json.loads(x).get("epoch") for x in lines if "warmup_epoch" not in x] == [1]
 
 
 def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path, capsys, demo_env):

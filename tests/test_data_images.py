@@ -94,6 +94,25 @@ def test_train_resize_keeps_aspect_ratio(tmp_path):
     assert img.size == (64, 128)  # shorter side to round(56 * 256 / 224)
 
 
+def test_train_without_crop_sees_images_at_the_eval_scale(tmp_path):
+    """crop=False (the demo preset): training images are the eval transform's square resize,
+    flipped or not, so sizes in the images mean the same in training and evaluation."""
+    img = load_image(gradient_image(tmp_path / "a.png", size=(40, 80)))
+    eval_x = build_transform(32, train=False)(img)
+    assert torch.equal(build_transform(32, train=True, hflip=False, crop=False)(img), eval_x)
+    flip = build_transform(32, train=True, hflip=True, crop=False)
+    assert flip.resize_key == build_transform(32, train=False).resize_key  # one cache entry serves both
+    seen = set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        x = flip(img)
+        assert torch.equal(x, eval_x) or torch.equal(x, eval_x.flip(-1))
+        seen.add(torch.equal(x, eval_x))
+    assert seen == {True, False}
+    cropped = build_transform(32, train=True, hflip=False)
+    assert cropped.resize_key != flip.resize_key  # the reference's larger resize
+
+
 # ---- cache -------------------------------------------------------------------------------
 
 

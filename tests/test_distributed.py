@@ -52,11 +52,15 @@ def test_cmn_train_under_torchrun_checkpoints_on_rank0(tmp_path):
         "--no-progress",
         "--visual-weights",
         "none",
+        "--visual-warmup-epochs",
+        "1",
         "--output-dir",
         str(out),
     ]
     torchrun(args, tmp_path, CMN_DEMO_DIR=str(tmp_path / "demo"))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1
+    assert [r["warmup_epoch"] for r in metrics["visual_warmup"]] == [1]  # the warm-up under DDP too
     assert (out / "checkpoint" / "model.safetensors").is_file()
-    assert len((out / "log.jsonl").read_text().splitlines()) == 1  # one writer
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [("warmup_epoch" in r, r.get("epoch")) for r in lines] == [(True, None), (False, 1)]  # one writer

@@ -12,6 +12,7 @@ UPPER = {
     "cmn.cli",
     "cmn.cliutil",
     "cmn.train",
+    "cmn.warmup",
     "cmn.engine",
     "cmn.inference",
     "cmn.compare",

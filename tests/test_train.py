@@ -116,3 +116,19 @@ def test_bf16_trains(tmp_path):
 
     result = run_training(*tiny_run(tmp_path, "bf16", epochs=1, precision="bf16"), progress=False, quiet=True)
     assert result["epochs_run"] == 1
+
+
+@pytest.mark.slow
+def test_lr_ve_zero_freezes_the_cnn_without_its_backward(tmp_path):
+    """--lr-ve 0: the CNN's weights never move (no gradients are computed for them), the rest trains."""
+    from safetensors.torch import load_file
+
+    from cmn.train import run_training
+
+    for epochs in (1, 2):
+        run_training(*tiny_run(tmp_path, f"e{epochs}", epochs=epochs, lr_ve=0.0), progress=False, quiet=True)
+    a = load_file(str(tmp_path / "e1" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "e2" / "last" / "model.safetensors"))
+    weights = [k for k in a if k.startswith("visual.") and not k.endswith(("running_mean", "running_var", "tracked"))]
+    assert weights and all(torch.equal(a[k], b[k]) for k in weights)
+    assert any(not torch.equal(a[k], b[k]) for k in a if not k.startswith("visual."))

@@ -79,6 +79,8 @@ _TRAIN_FLAGS = [
     "init_from",
     "decode",
     "visual_weights",
+    "visual_warmup_epochs",
+    "visual_warmup_lr",
     "eval_max_batches",
     "freeze_bn",
     "sync_bn",
@@ -150,6 +152,14 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=bounded("epochs"))
     t.add_argument("--lr-ve", type=bounded("lr_ve"), help="visual extractor learning rate")
     t.add_argument("--lr-ed", type=bounded("lr_ed"), help="learning rate of everything else")
+    t.add_argument(
+        "--visual-warmup-epochs",
+        type=bounded("visual_warmup_epochs"),
+        help="first train the CNN this many epochs on the CheXpert labels of the training reports "
+        "(0 = off, the reference's way; demo preset: "
+        f"{PRESETS['demo'].train.get('visual_warmup_epochs', 0)})",
+    )
+    t.add_argument("--visual-warmup-lr", type=bounded("visual_warmup_lr"), help="Adam learning rate of the warm-up")
     t.add_argument("--weight-decay", type=bounded("weight_decay"))
     t.add_argument("--step-size", type=bounded("step_size"), help="StepLR period (epochs)")
     t.add_argument("--gamma", type=bounded("gamma"), help="StepLR decay")

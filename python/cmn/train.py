@@ -137,6 +137,7 @@ class _Run:
     bad_epochs: int = 0
     best_val: dict = field(default_factory=dict)
     val_truth: Optional[dict] = None  # demo data: drawn findings of the validation split, read once
+    warmup: list = field(default_factory=list)  # visual warm-up records (this process's run only)
 
     @property
     def best_dir(self) -> Path:
@@ -263,7 +264,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
             splits[split],
             image_dir,
             data.num_views,
-            build_transform(data.image_size, train=is_train, hflip=data.hflip),
+            build_transform(data.image_size, train=is_train, hflip=data.hflip, crop=data.random_crop),
             encode=tokenizer.encode_batch,
             max_seq_length=data.max_seq_length,
             image_cache=cache,
@@ -315,7 +316,24 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     elif trainer_state is None:
         log(model.visual.load_pretrained(train.visual_weights))
     model.to(device)
+    if dist_info.world_size > 1 and train.sync_bn and device.type == "cuda" and not train.freeze_bn:
+        # before the optimizer and the warm-up take the parameters: the swap makes new BatchNorm modules
+        model.visual.use_sync_batchnorm()
+    warmup: list[dict[str, float]] = []
+    if train.visual_warmup_epochs and trainer_state is None and not train.init_from:
+        warmup = _warm_up(
+            model, model_cfg, splits["train"], train, train_loader, sampler, dist_info, device, log, progress
+        )
+        if dist_info.is_main:
+            for rec in warmup:
+                _append_line(out_dir / LOG, json.dumps(rec))
     ve_params = list(model.visual.parameters())
+    if train.lr_ve == 0:
+        # a CNN that never moves needs no gradients: the same run without the CNN's backward
+        # (BatchNorm still normalises with batch statistics and updates its running ones)
+        for p in ve_params:
+            p.requires_grad_(False)
+        log("visual extractor: frozen (--lr-ve 0), no gradients computed for it")
     ve_ids = {id(p) for p in ve_params}
     ed_params = [p for p in model.parameters() if id(p) not in ve_ids]
     optimizer = torch.optim.Adam(
@@ -330,11 +348,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, train.step_size, train.gamma)
     net: torch.nn.Module = model
     if dist_info.world_size > 1:
-        if train.sync_bn and device.type == "cuda" and not train.freeze_bn:
-            model.visual.use_sync_batchnorm()
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        net = _ddp(model, device)
     run = _Run(
         data,
         train,
@@ -354,6 +368,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
         eval_loaders,
         log,
         progress,
+        warmup=warmup,
     )
     if trainer_state is not None:
         ckpt.load_state_into(model, last_dir)
@@ -369,7 +384,7 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
                 f"{last_dir}: trainer_state does not fit this run ({type(e).__name__}: {e})"
             ) from None
         if dist_info.is_main:
-            _keep_log_until(out_dir / LOG, run.start_epoch - 1)
+            run.warmup = _keep_log_until(out_dir / LOG, run.start_epoch - 1)
         log(f"resuming from {last_dir} at epoch {run.start_epoch}")
     n_params = sum(p.numel() for p in model.parameters())
     log(
@@ -377,6 +392,52 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
         f"memory {model_cfg.memory_size}x{model_cfg.d_model} top-{model_cfg.topk}) on {device}"
     )
     return run
+
+
+def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _warm_up(
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    studies: list,
+    train: TrainConfig,
+    loader: DataLoader,
+    sampler: Any,
+    dist_info: DistInfo,
+    device: torch.device,
+    log: _Log,
+    progress: bool,
+) -> list[dict[str, float]]:
+    """The visual warm-up (:mod:`cmn.warmup`) on the training split, before report training."""
+    from cmn.warmup import N_TARGETS, LabelProbe, positives, targets_for, warm_up_visual
+
+    targets = targets_for(studies)
+    stated = positives(targets) or {}
+    log(
+        f"visual warm-up: {train.visual_warmup_epochs} epochs on the CheXpert labels of the training reports "
+        f"({', '.join(f'{k} {v}' for k, v in stated.items()) or 'no observation stated'})"
+    )
+    probe: torch.nn.Module = LabelProbe(
+        cast(torch.nn.Module, model.visual), model_cfg.num_views, model_cfg.d_vf, N_TARGETS
+    ).to(device)
+    if dist_info.world_size > 1:
+        probe = _ddp(probe, device)
+    return warm_up_visual(
+        probe,
+        loader,
+        sampler,
+        targets,
+        epochs=train.visual_warmup_epochs,
+        lr=train.visual_warmup_lr,
+        device=device,
+        precision=train.precision,
+        log=log,
+        progress=(lambda n, desc: _bar(n, desc, True)) if progress and dist_info.is_main else None,
+    )
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, bundle: str, log) -> None:
@@ -490,20 +551,26 @@ def _append_line(path: Path, line: str) -> None:
         raise CMNError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
-def _keep_log_until(path: Path, last_epoch: int) -> None:
-    """Drop log lines of epochs after ``last_epoch`` (logged, then killed before the save)."""
+def _keep_log_until(path: Path, last_epoch: int) -> list[dict]:
+    """Drop log lines of epochs after ``last_epoch`` (logged, then killed before the save);
+    returns the visual warm-up records the log holds (they precede epoch 1 and are kept)."""
     if not path.is_file():
-        return
+        return []
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = []
+    kept, warmup = [], []
     for ln in lines:
         try:
-            if int(json.loads(ln)["epoch"]) <= last_epoch:
+            record = json.loads(ln)
+            if "warmup_epoch" in record:
+                warmup.append(record)
+                kept.append(ln)
+            elif int(record["epoch"]) <= last_epoch:
                 kept.append(ln)
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line
     if len(kept) != len(lines):
         write_atomic(path, "".join(ln + "\n" for ln in kept))
+    return warmup
 
 
 def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str, Any]:
@@ -534,6 +601,7 @@ def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str,
         **_demo_findings(run, preds, baseline_preds),
         "epochs_run": epochs_run,
         "train_seconds": round(train_seconds, 1),
+        **({"visual_warmup": run.warmup} if run.warmup else {}),
         "data": {**run.data_info, "ann_path": str(run.ann_path), "sizes": {k: len(v) for k, v in run.splits.items()}},
         "model": asdict(run.model_cfg),
         "train": asdict(run.train),

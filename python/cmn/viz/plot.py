@@ -44,6 +44,8 @@ def read_log(path: Path) -> list[dict]:
         raise DataError(f"{path}: no training log (is this a cmn-train run folder?)")
     by_epoch: dict[int, dict] = {}
     for n, record in enumerate(_jsonl_rows(path), 1):
+        if "warmup_epoch" in record:  # the visual warm-up before epoch 1 (cmn.warmup)
+            continue
         if not isinstance(record.get("epoch"), int):
             raise DataError(f"{path}: record {n} has no integer 'epoch'")
         by_epoch[record["epoch"]] = record
