@@ -5,10 +5,8 @@ import pytest
 from cmn.cli import configs_from_args, train_main, train_parser
 from helpers.tiny import tiny_run
 
-
-@pytest.fixture(autouse=True)
-def demo_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("CMN_DEMO_DIR", str(tmp_path_factory.getbasetemp() / "demo"))
+# demo data generated once per session, under pytest's base temp (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("demo_dir")
 
 
 def test_flag_sets_the_config():

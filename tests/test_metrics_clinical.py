@@ -254,3 +254,15 @@ def test_ce_errors():
         ce_scores(REF, PRED[:2])
     with pytest.raises(ConfigError, match="uncertain"):
         ce_scores(REF, PRED, uncertain="maybe")
+
+
+def test_mention_sentence_is_the_labelers_sentence():
+    from cmn.metrics.clinical import find_mentions, mention_sentence
+
+    report = "Heart normal. Small LEFT effusion; right pneumothorax. No consolidation"
+    got = {m.observation: mention_sentence(report, m).strip() for m in find_mentions(report)}
+    assert got == {
+        "Pleural Effusion": "small left effusion",  # lowercased, cut at the ";"
+        "Pneumothorax": "right pneumothorax",
+        "Consolidation": "no consolidation",
+    }

@@ -10,10 +10,8 @@ from cmn.model import build_model
 from cmn.text import Tokenizer
 from helpers.tiny import tiny_cfg, tiny_run
 
-
-@pytest.fixture(autouse=True)
-def demo_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("CMN_DEMO_DIR", str(tmp_path_factory.getbasetemp() / "demo"))
+# demo data generated once per session, under pytest's base temp (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("demo_dir")
 
 
 def test_tiny_model_overfits_two_studies():

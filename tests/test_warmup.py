@@ -13,9 +13,8 @@ from helpers.tiny import tiny_run
 OBS = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
 
 
-@pytest.fixture(autouse=True)
-def demo_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("CMN_DEMO_DIR", str(tmp_path_factory.getbasetemp() / "demo"))
+# demo data generated once per session, under pytest's base temp (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("demo_dir")
 
 
 def test_report_targets_positive_negative_and_uncertain():

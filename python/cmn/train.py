@@ -416,7 +416,7 @@ def _warm_up(
     from cmn.warmup import N_TARGETS, LabelProbe, positives, targets_for, warm_up_visual
 
     targets = targets_for(studies)
-    stated = positives(targets) or {}
+    stated = positives(targets)
     log(
         f"visual warm-up: {train.visual_warmup_epochs} epochs on the CheXpert labels of the training reports "
         f"({', '.join(f'{k} {v}' for k, v in stated.items()) or 'no observation stated'})"

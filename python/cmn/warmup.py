@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,19 +37,14 @@ N_TARGETS = 3 * len(CHEXPERT_OBSERVATIONS)
 WARMUP_EPOCH_KEY = 1_000_000
 
 
-_SIDE_WORDS = {"left": ("left",), "right": ("right",), "both": ("bilateral", "both")}
-_SENTENCE_END = re.compile(r"[.;]\s|[.;]$|\n")
+_SIDES = ("left", "right")  # target column blocks 1 and 2
+_BOTH_SIDES = {"bilateral", "both"}
 
 
-def _stated_sides(report: str, start: int) -> set[str]:
-    """Sides ("left", "right") the sentence around ``report.lower()[start]`` names."""
-    text = report.lower()
-    ends = [m.end() for m in _SENTENCE_END.finditer(text, 0, start)]
-    stop = _SENTENCE_END.search(text, start)
-    words = set(re.findall(r"[a-z]+", text[ends[-1] if ends else 0 : stop.start() if stop else len(text)]))
-    if words & set(_SIDE_WORDS["both"]):
-        return {"left", "right"}
-    return {side for side in ("left", "right") if words & set(_SIDE_WORDS[side])}
+def _stated_sides(sentence: str) -> set[str]:
+    """Sides ("left", "right") a lowercased sentence names; "bilateral" names both."""
+    words = set(re.findall(r"[a-z]+", sentence))
+    return set(_SIDES) if words & _BOTH_SIDES else words & set(_SIDES)
 
 
 def report_targets(reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,27 +58,26 @@ def report_targets(reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     encoder sees the patches without their positions, so where a finding is has to be in the
     CNN's features themselves; these columns ask for it.
     """
-    from cmn.metrics.clinical import UNCERTAIN, find_mentions, label_reports
+    from cmn.metrics.clinical import UNCERTAIN, find_mentions, label_reports, mention_sentence
 
     n_obs = len(CHEXPERT_OBSERVATIONS)
     index = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
     labels = label_reports(list(reports))  # (n, 14): nan (no mention), 1, 0, -1 (uncertain)
-    present = labels == 1.0
+    present, uncertain = labels == 1.0, labels == UNCERTAIN
     targets = np.zeros((len(reports), 3 * n_obs), np.float32)
-    weights = np.ones((len(reports), 3 * n_obs), np.float32)
+    weights = np.tile(~uncertain, 3).astype(np.float32)  # absent: on neither side
     targets[:, :n_obs] = present
-    weights[:, :n_obs] = labels != UNCERTAIN
-    for i, report in enumerate(reports):
+    for i in np.flatnonzero(present.any(1)).tolist():
+        report = reports[i]
         sides: dict[int, set[str]] = {}
         for m in find_mentions(report):
             if m.label == 1.0:
-                sides.setdefault(index[m.observation], set()).update(_stated_sides(report, m.start))
-        for obs in np.flatnonzero(present[i] | (labels[i] == UNCERTAIN)):
+                sides.setdefault(index[m.observation], set()).update(_stated_sides(mention_sentence(report, m)))
+        for obs in np.flatnonzero(present[i]):
             stated = sides.get(int(obs), set())
-            for k, side in enumerate(("left", "right"), 1):
-                col = k * n_obs + obs
-                targets[i, col] = side in stated
-                weights[i, col] = bool(stated) and present[i, obs]
+            for block, side in enumerate(_SIDES, 1):
+                targets[i, block * n_obs + obs] = side in stated
+                weights[i, block * n_obs + obs] = bool(stated)  # no side stated: not taught
     return torch.from_numpy(targets), torch.from_numpy(weights)
 
 
@@ -158,14 +152,14 @@ def warm_up_visual(
 
 
 def targets_for(studies: Sequence[Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{study id: (targets (14,), weights (14,))}`` for studies with ``id`` and ``report``."""
+    """``{study id: (targets (N_TARGETS,), weights (N_TARGETS,))}`` for studies with ``id`` and ``report``."""
     targets, weights = report_targets([s.report for s in studies])
     return {s.id: (targets[i], weights[i]) for i, s in enumerate(studies)}
 
 
-def positives(targets_by_id: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Optional[dict[str, int]]:
+def positives(targets_by_id: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
     """Count of training reports stating each observation (for the log)."""
     if not targets_by_id:
-        return None
+        return {}
     sums = torch.stack([t[: len(CHEXPERT_OBSERVATIONS)] for t, _ in targets_by_id.values()]).sum(0)
     return {name: int(n) for name, n in zip(CHEXPERT_OBSERVATIONS, sums.tolist()) if n}

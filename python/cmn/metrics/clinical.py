@@ -479,6 +479,17 @@ def find_mentions(report: str) -> list[Mention]:
     ]
 
 
+def mention_sentence(report: str, mention: Mention) -> str:
+    """The sentence of ``report.lower()`` that ``mention`` (from :func:`find_mentions`) was read in,
+    split as the labeler splits it."""
+    found = ""
+    for offset, sentence in _sentences(report.lower()):
+        if offset > mention.start:
+            break
+        found = sentence
+    return found
+
+
 # ---------------------------------------------------------------------------- metrics
 
 
