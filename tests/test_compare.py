@@ -55,6 +55,36 @@ def test_plan_and_summary():
     assert s["cmn"]["BLEU_4"]["std"] == pytest.approx(0.1414213562, rel=1e-6)  # sample std of 0.2, 0.4
 
 
+def test_demo_findings_per_finding_tables():
+    """On demo data each drawn finding gets its own mean ± std (F1, and sides where stated),
+    in the demo's finding order, not the JSON's alphabetical one."""
+    from cmn.compare import markdown
+
+    def run(f1_nodule, side_effusion):
+        return {
+            "test": {"BLEU_4": 0.5},
+            "demo_findings": {
+                "device": {"f1": 1.0, "laterality": None},
+                "effusion": {"f1": 0.9, "laterality": side_effusion},
+                "nodule": {"f1": f1_nodule, "laterality": None},
+                "macro_f1": {"f1": 0.5},
+            },
+        }
+
+    s = summarize({"cmn": [run(0.6, 1.0), run(0.8, None)]})
+    assert s["cmn"]["finding_F1/nodule"]["mean"] == pytest.approx(0.7)
+    assert s["cmn"]["finding_side/effusion"] == {
+        "mean": 1.0,
+        "std": 0.0,
+        "n": 1,
+    }  # a run with no stated side adds nothing
+    assert "finding_side/device" not in s["cmn"]
+    table = markdown(s, [0, 1], "t")
+    assert "| model | effusion | nodule | device |" in table
+    assert "| BASE+CMN | 0.900 ± 0.000 | 0.700 ± 0.141 | 1.000 ± 0.000 |" in table
+    assert "| model | effusion |\n" in table
+
+
 @pytest.mark.slow
 def test_variants_and_seeds_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
@@ -64,6 +94,7 @@ def test_variants_and_seeds_end_to_end(tmp_path, capsys):
     assert result["summary"]["cmn"]["BLEU_4"]["n"] == 2
     table = (out / "comparison.md").read_text()
     assert "| BASE |" in table and "| BASE+CMN |" in table and "±" in table
+    assert "Drawn findings (demo data): F1" in table and "| model | cardiomegaly | effusion |" in table
     assert (out / "cmn-s1" / "checkpoint" / "model.safetensors").is_file()  # a normal run folder
     # a finished run is not redone; a missing one is run
     before = (out / "base-s0" / "metrics.json").stat().st_mtime_ns

@@ -7,7 +7,7 @@ Each (variant or swept value, seed) is one ``cmn-train`` run in its own folder u
 ``--output-dir`` (``cmn-s0``, ``memory_size=256-s0``, ...); a finished run (its
 ``metrics.json`` exists) is not redone, an interrupted one is resumed. Then
 ``comparison.json`` and ``comparison.md`` hold the mean and standard deviation over seeds of
-the test scores, in the layout of the paper's Table 2; a sweep also draws ``sweep_<name>.png``
+the test scores, in the layout of the paper's Table 2 (on demo data, also per drawn finding); a sweep also draws ``sweep_<name>.png``
 (scores against the swept value, like the paper's Figures 3-4; needs ``cmn[plot]``).
 """
 
@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from cmn.cliutil import ArgumentParser, user_errors
 from cmn.config import MODEL_VARIANTS
+from cmn.data.demo.findings import FINDINGS
 from cmn.errors import CMNError, ConfigError
 from cmn.fsutil import write_atomic, write_json
 
@@ -75,24 +76,37 @@ def plan(variants: Sequence[str], sweeps: Sequence[tuple[str, list[str]]], seeds
     return runs
 
 
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (n-1; 0 for one value) and count."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{group: {metric: {"mean", "std", "n"}}}`` over the seeds' test scores (std: sample, n-1)."""
+    """``{group: {metric: {"mean", "std", "n"}}}`` over the seeds' test scores. On demo data also
+    ``demo_findings_F1`` (the macro F1 over the drawn findings) and, per finding,
+    ``finding_F1/<name>`` and ``finding_side/<name>`` (share of stated sides that are right)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for group, metrics in results.items():
         row: dict[str, dict[str, float]] = {}
-        keys = sorted({k for m in metrics for k in m["test"]})
-        for key in keys:
-            values = [float(m["test"][key]) for m in metrics if key in m["test"]]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-            row[key] = {"mean": mean, "std": std, "n": len(values)}
-        demo = [m["demo_findings"]["macro_f1"]["f1"] for m in metrics if "demo_findings" in m]
+        for key in sorted({k for m in metrics for k in m["test"]}):
+            row[key] = _mean_std([float(m["test"][key]) for m in metrics if key in m["test"]])
+        demo = [m["demo_findings"] for m in metrics if "demo_findings" in m]
         if demo:
-            mean = sum(demo) / len(demo)
-            std = math.sqrt(sum((v - mean) ** 2 for v in demo) / (len(demo) - 1)) if len(demo) > 1 else 0.0
-            row["demo_findings_F1"] = {"mean": mean, "std": std, "n": len(demo)}
+            row["demo_findings_F1"] = _mean_std([d["macro_f1"]["f1"] for d in demo])
+            names = [n for n in demo[0] if n != "macro_f1"]
+            for name in sorted(names, key=lambda n: (FINDINGS.index(n) if n in FINDINGS else len(FINDINGS), n)):
+                row[f"finding_F1/{name}"] = _mean_std([d[name]["f1"] for d in demo if name in d])
+                sides = [d[name]["laterality"] for d in demo if d.get(name, {}).get("laterality") is not None]
+                if sides:
+                    row[f"finding_side/{name}"] = _mean_std(sides)
         out[group] = row
     return out
+
+
+def _cell(row: dict[str, dict[str, float]], key: str) -> str:
+    return f"{row[key]['mean']:.3f} ± {row[key]['std']:.3f}" if key in row else "-"
 
 
 def markdown(summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], title: str) -> str:
@@ -108,8 +122,18 @@ def markdown(summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[in
         "|---|" + "---|" * len(cols),
     ]
     for group, row in summary.items():
-        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-" for k, _ in cols]
-        lines.append(f"| {PAPER_NAMES.get(group, group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {PAPER_NAMES.get(group, group)} | " + " | ".join(_cell(row, k) for k, _ in cols) + " |")
+    for prefix, caption in (
+        ("finding_F1/", "Drawn findings (demo data): F1 of each finding against what the images show."),
+        ("finding_side/", "Drawn findings (demo data): share of stated sides (nodule: lobes) that are right."),
+    ):
+        names = list(dict.fromkeys(k[len(prefix) :] for row in summary.values() for k in row if k.startswith(prefix)))
+        if not names:
+            continue
+        lines += ["", caption, "", "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for group, row in summary.items():
+            cells = " | ".join(_cell(row, prefix + n) for n in names)
+            lines.append(f"| {PAPER_NAMES.get(group, group)} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
