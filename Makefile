@@ -6,7 +6,7 @@ PY ?= python3
 install:
 	$(PY) -m pip install -e ".[test]"
 
-# Set up and train on the built-in demo data (about 13 minutes on 2 CPU cores, measured).
+# Set up and train on the built-in demo data (about 9.5 minutes on 2 CPU cores, measured; see README).
 demo:
 	$(PY) -m pip install . && cmn-train
 

@@ -113,6 +113,35 @@ def test_train_without_crop_sees_images_at_the_eval_scale(tmp_path):
     assert cropped.resize_key != flip.resize_key  # the reference's larger resize
 
 
+def test_intensity_jitter_changes_exposure_not_geometry(tmp_path):
+    """jitter=J (the demo preset's --intensity-jitter): each training image is the eval image
+    under one affine intensity map a*x + b with a in [(1-J)^2, (1+J)^2] (brightness times
+    contrast), so every finding keeps its place, size and side; evaluation is never jittered and
+    the resize (and so the cache entry) is the eval one."""
+    arr = (64 + np.add.outer(np.arange(30) * 2, np.arange(40)) % 96).astype(np.uint8)  # (H, W), mid-range: no clipping
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png")
+    j = 0.2
+    eval_tf = build_transform(32, train=False, jitter=j)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    x0 = (eval_tf(img) * std + mean).flatten()  # (3*S*S,) in [0, 1]
+    assert torch.equal(eval_tf(img), build_transform(32, train=False)(img))
+    tf = build_transform(32, train=True, hflip=False, crop=False, jitter=j)
+    assert tf.resize_key == eval_tf.resize_key
+    assert torch.equal(build_transform(32, train=True, hflip=False, crop=False, jitter=0.0)(img), eval_tf(img))
+    slopes = []
+    for seed in range(16):
+        torch.manual_seed(seed)
+        x = (tf(img) * std + mean).flatten()
+        design = torch.stack([x0, torch.ones_like(x0)], 1).double()  # (P, 2)
+        a, b = torch.linalg.lstsq(design, x.double()[:, None]).solution.flatten().tolist()
+        residual = (x.double() - (a * x0.double() + b)).abs().max().item()
+        assert residual < 3.5 / 255, (seed, residual)  # two uint8 roundings, nothing moved
+        assert (1 - j) ** 2 - 0.02 <= a <= (1 + j) ** 2 + 0.02, (seed, a)
+        slopes.append(a)
+    assert max(slopes) - min(slopes) > 0.1  # it does vary from image to image
+
+
 # ---- cache -------------------------------------------------------------------------------
 
 

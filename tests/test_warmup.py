@@ -164,21 +164,25 @@ def test_training_run_warms_up_once_and_resumes_exactly(tmp_path):
 
 
 def test_flags_and_presets():
-    """The demo preset warms up and trains without crops; the reference presets do neither
-    (the reference has no warm-up and trains on random crops); flags override."""
+    """The demo preset warms up, trains without crops and jitters intensities; the reference
+    presets do none of it (the reference has no warm-up, trains on random crops and leaves
+    intensities alone); flags override."""
     from cmn.cli import configs_from_args, train_parser
 
     data, _, train = configs_from_args(train_parser().parse_args([]))
     assert train.visual_warmup_epochs > 0 and not data.random_crop and not data.hflip
+    assert data.intensity_jitter > 0
     for name in ("iu_xray", "mimic_cxr"):
         data, _, train = configs_from_args(
             train_parser().parse_args(["--dataset", name, "--ann-path", "a.json", "--image-dir", "."])
         )
-        assert train.visual_warmup_epochs == 0 and data.random_crop and data.hflip
+        assert train.visual_warmup_epochs == 0 and data.random_crop and data.hflip and data.intensity_jitter == 0
     _, _, train = configs_from_args(
         train_parser().parse_args(["--visual-warmup-epochs", "0", "--visual-warmup-lr", "3e-4"])
     )
     assert train.visual_warmup_epochs == 0 and train.visual_warmup_lr == 3e-4
+    data, _, _ = configs_from_args(train_parser().parse_args(["--intensity-jitter", "0"]))
+    assert data.intensity_jitter == 0
 
 
 @pytest.mark.parametrize(
@@ -187,6 +191,8 @@ def test_flags_and_presets():
         (["--visual-warmup-epochs", "-1"], "--visual-warmup-epochs"),
         (["--visual-warmup-lr", "0"], "--visual-warmup-lr"),
         (["--visual-warmup-lr", "nan"], "--visual-warmup-lr"),
+        (["--intensity-jitter", "1"], "--intensity-jitter"),
+        (["--intensity-jitter", "-0.1"], "--intensity-jitter"),
     ],
 )
 def test_bad_warmup_flags_are_one_error_line(args, needle, capsys):

@@ -57,6 +57,7 @@ _DATA_FLAGS = [
     "batch_size",
     "num_workers",
     "image_cache",
+    "intensity_jitter",
     "demo_size",
 ]
 _TRAIN_FLAGS = [
@@ -111,6 +112,13 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=bounded("batch_size"), help="global batch size (default 16)")
     d.add_argument("--num-workers", type=bounded("num_workers"), help="data loader worker processes (default 2)")
     d.add_argument("--image-cache", metavar="DIR", help="cache decoded, resized images here (safe across ranks)")
+    d.add_argument(
+        "--intensity-jitter",
+        type=bounded("intensity_jitter"),
+        metavar="J",
+        help="training images: brightness and contrast scaled by factors in [1-J, 1+J] (0 = off, the "
+        f"reference's way; demo preset: {PRESETS['demo'].data.get('intensity_jitter', 0)})",
+    )
     d.add_argument(
         "--demo-size",
         type=positive_int(1_000_000),

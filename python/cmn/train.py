@@ -264,7 +264,9 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
             splits[split],
             image_dir,
             data.num_views,
-            build_transform(data.image_size, train=is_train, hflip=data.hflip, crop=data.random_crop),
+            build_transform(
+                data.image_size, train=is_train, hflip=data.hflip, crop=data.random_crop, jitter=data.intensity_jitter
+            ),
             encode=tokenizer.encode_batch,
             max_seq_length=data.max_seq_length,
             image_cache=cache,

@@ -89,21 +89,26 @@ class ImageTransform:
         return self.rest(self.resize(img))  # (3, S, S) float32
 
 
-def build_transform(image_size: int, train: bool, hflip: bool = True, crop: bool = True) -> ImageTransform:
+def build_transform(
+    image_size: int, train: bool, hflip: bool = True, crop: bool = True, jitter: float = 0.0
+) -> ImageTransform:
     """The reference's train (random crop + flip) or eval (square resize) transform.
 
     ``hflip=False`` leaves out the training flip (for data whose reports name sides).
     ``crop=False`` trains on the eval transform's square resize instead of a random crop of a
     larger resize, which shows training images 1.14x larger than evaluation images (for data
-    whose reports state sizes)."""
+    whose reports state sizes). ``jitter`` > 0 scales each training image's brightness and
+    contrast by factors drawn from [1 - jitter, 1 + jitter] (geometry untouched)."""
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    flip = [transforms.RandomHorizontalFlip()] if train and hflip else []
+    augment = [transforms.RandomHorizontalFlip()] if train and hflip else []
+    if train and jitter:
+        augment.append(transforms.ColorJitter(brightness=jitter, contrast=jitter))
     if train and crop:
         short = resize_size(image_size)
         resize = transforms.Resize(short)
-        rest = transforms.Compose([transforms.RandomCrop(image_size), *flip, *normalize])
+        rest = transforms.Compose([transforms.RandomCrop(image_size), *augment, *normalize])
         return ImageTransform(resize, rest, f"short{short}-bilinear")
     resize = transforms.Resize((image_size, image_size))
-    return ImageTransform(resize, transforms.Compose([*flip, *normalize]), f"square{image_size}-bilinear")
+    return ImageTransform(resize, transforms.Compose([*augment, *normalize]), f"square{image_size}-bilinear")
