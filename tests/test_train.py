@@ -109,6 +109,28 @@ def test_resume_with_other_model_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+def test_monitor_picks_the_best_epoch_by_its_score_and_resume_keeps_it(tmp_path):
+    """--monitor CE_F1 (the demo preset's): the checkpoint kept is the first epoch with the
+    highest validation CE F1, metrics.json names the score; resuming under another score is
+    refused (the saved best would be compared with a different metric)."""
+    from cmn.checkpoint import load_checkpoint
+    from cmn.errors import ConfigError
+    from cmn.train import run_training
+
+    result = run_training(*tiny_run(tmp_path, "m", epochs=3, monitor="CE_F1"), progress=False, quiet=True)
+    out = tmp_path / "m"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    scores = [r["val_CE_F1"] for r in log]
+    best = scores.index(max(scores)) + 1
+    assert result["monitor"] == "CE_F1" and result["best_epoch"] == best
+    assert result["val"]["CE_F1"] == max(scores)
+    assert load_checkpoint(out / "checkpoint").meta["epoch"] == best
+    data, model_kw, train = tiny_run(tmp_path, "m", epochs=4, resume=True)  # BLEU_4, the default
+    with pytest.raises(ConfigError, match="by validation CE_F1, this run by BLEU_4"):
+        run_training(data, model_kw, train, progress=False, quiet=True)
+
+
+@pytest.mark.slow
 def test_bf16_trains(tmp_path):
     from cmn.train import run_training
 

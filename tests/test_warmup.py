@@ -171,12 +171,13 @@ def test_flags_and_presets():
 
     data, _, train = configs_from_args(train_parser().parse_args([]))
     assert train.visual_warmup_epochs > 0 and not data.random_crop and not data.hflip
-    assert data.intensity_jitter > 0
+    assert data.intensity_jitter > 0 and train.monitor == "CE_F1"
     for name in ("iu_xray", "mimic_cxr"):
         data, _, train = configs_from_args(
             train_parser().parse_args(["--dataset", name, "--ann-path", "a.json", "--image-dir", "."])
         )
         assert train.visual_warmup_epochs == 0 and data.random_crop and data.hflip and data.intensity_jitter == 0
+        assert train.monitor == "BLEU_4"
     _, _, train = configs_from_args(
         train_parser().parse_args(["--visual-warmup-epochs", "0", "--visual-warmup-lr", "3e-4"])
     )
@@ -193,6 +194,8 @@ def test_flags_and_presets():
         (["--visual-warmup-lr", "nan"], "--visual-warmup-lr"),
         (["--intensity-jitter", "1"], "--intensity-jitter"),
         (["--intensity-jitter", "-0.1"], "--intensity-jitter"),
+        (["--monitor", "CIDEr_D"], "--monitor"),
+        (["--dataset", "iu_xray", "--ann-path", "a.json", "--image-dir", ".", "--monitor", "CE_F1"], "--monitor"),
     ],
 )
 def test_bad_warmup_flags_are_one_error_line(args, needle, capsys):

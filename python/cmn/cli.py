@@ -22,6 +22,7 @@ from cmn.config import (
     MAX_TOKENS,
     MEMORY_IMPLS,
     MODEL_VARIANTS,
+    MONITORS,
     PRECISIONS,
     PRESETS,
     VISUAL_EXTRACTORS,
@@ -68,6 +69,7 @@ _TRAIN_FLAGS = [
     "step_size",
     "gamma",
     "seed",
+    "monitor",
     "early_stop",
     "beam_size",
     "block_ngram",
@@ -172,7 +174,14 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--step-size", type=bounded("step_size"), help="StepLR period (epochs)")
     t.add_argument("--gamma", type=bounded("gamma"), help="StepLR decay")
     t.add_argument("--seed", type=bounded("seed"))
-    t.add_argument("--early-stop", type=bounded("early_stop"), help="patience in epochs on validation BLEU-4")
+    t.add_argument(
+        "--monitor",
+        choices=MONITORS,
+        help="validation score that picks the best checkpoint and drives --early-stop (the reference: "
+        f"BLEU_4; demo preset: {PRESETS['demo'].train.get('monitor', 'BLEU_4')}; CE_F1 needs a preset that "
+        "scores clinical efficacy)",
+    )
+    t.add_argument("--early-stop", type=bounded("early_stop"), help="patience in epochs on the --monitor score")
     t.add_argument("--beam-size", type=bounded("beam_size"))
     t.add_argument(
         "--block-ngram",
@@ -262,6 +271,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, dict[str, A
         raise ConfigError("--low-memory trains under bf16 autocast; it cannot be combined with --precision fp32")
     train_kw.setdefault("output_dir", f"runs/{args.dataset}-{model_kw.get('variant', 'cmn')}")
     train = TrainConfig(**train_kw)
+    if train.monitor.startswith("CE_") and not data.clinical:
+        raise ConfigError(f"--monitor {train.monitor}: the {args.dataset} preset does not score clinical efficacy")
     # validate model flags now (vocab_size is filled in once the vocabulary is built)
     ModelConfig(vocab_size=2, **model_kw)
     return data, model_kw, train

@@ -374,6 +374,12 @@ def _prepare(data: DataConfig, model_kwargs: dict[str, Any], train: TrainConfig,
     )
     if trainer_state is not None:
         ckpt.load_state_into(model, last_dir)
+        saved_monitor = trainer_state.get("monitor", "BLEU_4")  # cmn < 0.3 always monitored BLEU-4
+        if saved_monitor != train.monitor:
+            raise ConfigError(
+                f"--resume: {last_dir} picked its best epoch by validation {saved_monitor}, this run by "
+                f"{train.monitor} (--monitor {saved_monitor} to continue it)"
+            )
         try:
             optimizer.load_state_dict(trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
@@ -489,8 +495,13 @@ def _fit(run: _Run, scorer) -> tuple[int, float]:
             refs, preds = generate_split(run.model, run.eval_loaders["val"], run.tokenizer, run.device, **run.eval_kw)
             val = score(refs, preds, clinical=run.clinical, scorer=scorer)
             seen = _demo_macro_f1(run, preds)  # demo data only: how well reports state the drawn findings
-            if val.get("BLEU_4", 0.0) > run.best_score:
-                run.best_score, run.best_epoch, run.bad_epochs, run.best_val = val.get("BLEU_4", 0.0), epoch, 0, val
+            if val.get(train.monitor, 0.0) > run.best_score:
+                run.best_score, run.best_epoch, run.bad_epochs, run.best_val = (
+                    val.get(train.monitor, 0.0),
+                    epoch,
+                    0,
+                    val,
+                )
                 ckpt.save_checkpoint(
                     run.best_dir, run.model, run.tokenizer, run.data_info, meta={"epoch": epoch, "val": val}
                 )
@@ -501,6 +512,7 @@ def _fit(run: _Run, scorer) -> tuple[int, float]:
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
                 "epoch": epoch,
+                "monitor": train.monitor,
                 "best_score": run.best_score,
                 "best_epoch": run.best_epoch,
                 "bad_epochs": run.bad_epochs,
@@ -528,9 +540,10 @@ def _fit(run: _Run, scorer) -> tuple[int, float]:
                 meta={"epoch": epoch, "val": val},
                 trainer_state=state,
             )
+            watched = "" if train.monitor == "BLEU_4" else f", {train.monitor} {val.get(train.monitor, 0):.4f}"
             log(
                 f"epoch {epoch}: loss {stats['train_loss']:.3f}, {stats['train_tokens_per_s']:.0f} tokens/s, "
-                f"val BLEU-4 {val.get('BLEU_4', 0):.4f} (best {run.best_score:.4f} at epoch {run.best_epoch})"
+                f"val BLEU-4 {val.get('BLEU_4', 0):.4f}{watched} (best {run.best_score:.4f} at epoch {run.best_epoch})"
                 + ("" if seen is None else ", findings F1 " + " ".join(f"{v:.2f}" for v in seen.values()))
             )
         if run.dist.world_size > 1:
@@ -538,7 +551,7 @@ def _fit(run: _Run, scorer) -> tuple[int, float]:
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
         if stop:
-            log(f"early stop: no validation BLEU-4 improvement for {train.early_stop} epochs")
+            log(f"early stop: no validation {train.monitor} improvement for {train.early_stop} epochs")
             break
     return epoch, time.perf_counter() - t_start
 
@@ -600,6 +613,7 @@ def _test(run: _Run, scorer, epochs_run: int, train_seconds: float) -> dict[str,
         "test": test,
         "baseline_test": baseline,
         "best_epoch": run.best_epoch,
+        "monitor": run.train.monitor,
         **_demo_findings(run, preds, baseline_preds),
         "epochs_run": epochs_run,
         "train_seconds": round(train_seconds, 1),
