@@ -271,8 +271,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, dict[str, A
         raise ConfigError("--low-memory trains under bf16 autocast; it cannot be combined with --precision fp32")
     train_kw.setdefault("output_dir", f"runs/{args.dataset}-{model_kw.get('variant', 'cmn')}")
     train = TrainConfig(**train_kw)
-    if train.monitor.startswith("CE_") and not data.clinical:
-        raise ConfigError(f"--monitor {train.monitor}: the {args.dataset} preset does not score clinical efficacy")
     # validate model flags now (vocab_size is filled in once the vocabulary is built)
     ModelConfig(vocab_size=2, **model_kw)
     return data, model_kw, train

@@ -7,8 +7,9 @@ Each (variant or swept value, seed) is one ``cmn-train`` run in its own folder u
 ``--output-dir`` (``cmn-s0``, ``memory_size=256-s0``, ...); a finished run (its
 ``metrics.json`` exists) is not redone, an interrupted one is resumed. Then
 ``comparison.json`` and ``comparison.md`` hold the mean and standard deviation over seeds of
-the test scores, in the layout of the paper's Table 2 (on demo data, also per drawn finding); a sweep also draws ``sweep_<name>.png``
-(scores against the swept value, like the paper's Figures 3-4; needs ``cmn[plot]``).
+the test scores, in the layout of the paper's Table 2 (on demo data, also per drawn finding);
+a sweep also draws ``sweep_<name>.png`` (scores against the swept value, like the paper's
+Figures 3-4; needs ``cmn[plot]``).
 """
 
 from __future__ import annotations
@@ -95,8 +96,7 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, d
         demo = [m["demo_findings"] for m in metrics if "demo_findings" in m]
         if demo:
             row["demo_findings_F1"] = _mean_std([d["macro_f1"]["f1"] for d in demo])
-            names = [n for n in demo[0] if n != "macro_f1"]
-            for name in sorted(names, key=lambda n: (FINDINGS.index(n) if n in FINDINGS else len(FINDINGS), n)):
+            for name in (n for n in FINDINGS if n in demo[0]):
                 row[f"finding_F1/{name}"] = _mean_std([d[name]["f1"] for d in demo if name in d])
                 sides = [d[name]["laterality"] for d in demo if d.get(name, {}).get("laterality") is not None]
                 if sides:

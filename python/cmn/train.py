@@ -183,7 +183,8 @@ def run_training(
     progress: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Train, select on validation BLEU-4, test the best model; returns what metrics.json holds.
+    """Train, select on the validation ``train.monitor`` score, test the best model; returns what
+    metrics.json holds.
 
     ``model_kwargs`` are :class:`ModelConfig` fields except ``vocab_size`` (known once the
     vocabulary is built). With ``train.resume`` the run continues from
@@ -191,6 +192,8 @@ def run_training(
     """
     from cmn.metrics import NLGScorer
 
+    if train.monitor.startswith("CE_") and not data.clinical:  # the score would be missing: epoch 1 kept
+        raise ConfigError(f"--monitor {train.monitor}: the {data.dataset} preset does not score clinical efficacy")
     if train.low_memory:  # one switch for the two settings that cut a training step's peak memory most
         train = replace(train, precision="bf16", checkpoint_visual=True)
     run = _prepare(data, model_kwargs, train, progress, _Log(True, quiet))

@@ -58,7 +58,7 @@ def report_targets(reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     encoder sees the patches without their positions, so where a finding is has to be in the
     CNN's features themselves; these columns ask for it.
     """
-    from cmn.metrics.clinical import UNCERTAIN, find_mentions, label_reports, mention_sentence
+    from cmn.metrics.clinical import UNCERTAIN, find_mentions, label_reports
 
     n_obs = len(CHEXPERT_OBSERVATIONS)
     index = {name: i for i, name in enumerate(CHEXPERT_OBSERVATIONS)}
@@ -68,11 +68,10 @@ def report_targets(reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     weights = np.tile(~uncertain, 3).astype(np.float32)  # absent: on neither side
     targets[:, :n_obs] = present
     for i in np.flatnonzero(present.any(1)).tolist():
-        report = reports[i]
         sides: dict[int, set[str]] = {}
-        for m in find_mentions(report):
+        for m in find_mentions(reports[i]):
             if m.label == 1.0:
-                sides.setdefault(index[m.observation], set()).update(_stated_sides(mention_sentence(report, m)))
+                sides.setdefault(index[m.observation], set()).update(_stated_sides(m.sentence))
         for obs in np.flatnonzero(present[i]):
             stated = sides.get(int(obs), set())
             for block, side in enumerate(_SIDES, 1):

@@ -316,8 +316,8 @@ def _sentences(text: str):
 
 
 def _mentions(lab: _Labeler, text: str):
-    """(start, end, observation index or _OTHER, status) of each classified mention in ``text``
-    (lowercased), in order; a linked mention that is negated yields nothing."""
+    """(start, end, observation index or _OTHER, status, sentence) of each classified mention in
+    ``text`` (lowercased), in order; a linked mention that is negated yields nothing."""
     for offset, sentence in _sentences(text):
         for m in lab.mention.finditer(sentence):
             targets = lab.targets[m.lastindex - 1]
@@ -341,12 +341,12 @@ def _mentions(lab: _Labeler, text: str):
                     if status == NEGATIVE:
                         continue
                     status = UNCERTAIN
-                yield offset + m.start(), offset + m.end(), obs, status
+                yield offset + m.start(), offset + m.end(), obs, status, sentence
 
 
 def _label_one(lab: _Labeler, report: str) -> list[float]:
     best: dict[int, float] = {}
-    for _, _, obs, status in _mentions(lab, report.lower()):
+    for _, _, obs, status, _ in _mentions(lab, report.lower()):
         old = best.get(obs)
         if old is None or _RANK[status] > _RANK[old]:
             best[obs] = status
@@ -458,12 +458,14 @@ def label_reports(reports: Sequence[str], sections: str = "all") -> np.ndarray:
 @dataclass(frozen=True)
 class Mention:
     """One phrase the labeler read: ``report.lower()[start:end]``, the observation it names
-    and how the labeler classified it (1 positive, 0 negative, -1 uncertain)."""
+    and how the labeler classified it (1 positive, 0 negative, -1 uncertain), with the sentence
+    of ``report.lower()`` it was read in, split as the labeler splits it."""
 
     start: int
     end: int
     observation: str
     label: float
+    sentence: str = ""
 
 
 def find_mentions(report: str) -> list[Mention]:
@@ -473,21 +475,16 @@ def find_mentions(report: str) -> list[Mention]:
     if not isinstance(report, str):
         raise DataError(f"report is {type(report).__name__}, not text")
     return [
-        Mention(start, end, CHEXPERT_OBSERVATIONS[obs], status)
-        for start, end, obs, status in _mentions(_labeler(), report.lower())
+        Mention(start, end, CHEXPERT_OBSERVATIONS[obs], status, sentence)
+        for start, end, obs, status, sentence in _mentions(_labeler(), report.lower())
         if obs != _OTHER
     ]
 
 
 def mention_sentence(report: str, mention: Mention) -> str:
-    """The sentence of ``report.lower()`` that ``mention`` (from :func:`find_mentions`) was read in,
-    split as the labeler splits it."""
-    found = ""
-    for offset, sentence in _sentences(report.lower()):
-        if offset > mention.start:
-            break
-        found = sentence
-    return found
+    """The sentence of ``report.lower()`` that ``mention`` (from :func:`find_mentions` on
+    ``report``) was read in: ``mention.sentence``."""
+    return mention.sentence
 
 
 # ---------------------------------------------------------------------------- metrics
